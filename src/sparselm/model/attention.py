@@ -1,0 +1,100 @@
+"""Causal multi-head self-attention through ``scaled_dot_product_attention``, with an optional KV cache.
+
+Position information enters in one of three ways here (learned absolute embeddings live in the transformer):
+- ``rope``: rotary embeddings applied to queries and keys;
+- ``relative``: a learned per-head bias over bucketed relative distances (T5), computed once per forward by the
+  transformer and passed in as ``attn_bias``;
+- ``xl``: Transformer-XL relative attention (used by Gopher): a per-layer projection ``w_rel`` of sinusoidal
+  distance embeddings and two learned global biases ``u`` (content) and ``v`` (position).
+Shapes are never hard-coded from the config (``unflatten``/``flatten`` only), so tensor-parallel plans that shard
+heads can be applied to this module from outside.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparselm.model.layers import apply_rope, sinusoid_table
+
+
+class KVCache:
+    """Pre-allocated keys/values for every layer plus, per slot, its position and whether it is a real token."""
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        self.k = torch.zeros(n_layers, batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def append_meta(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        end = self.length + positions.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} requested")
+        self.positions[:, self.length : end] = positions
+        self.valid[:, self.length : end] = valid
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, bias: bool = False, position: str = "rope", dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.position = position
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        if position == "xl":
+            self.w_rel = nn.Linear(d_model, d_model, bias=False)
+            self.u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+            self.v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # [B, T, D] -> [B, H, T, hd]
+
+    def _xl_bias(self, q: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+        """Position term ``(q + v) . W_rel r_(i-j)`` for every query/key pair -> [B, H, Tq, Tk], pre-scaled."""
+        max_distance = int(distance.max().item()) + 1
+        rel = self.w_rel(sinusoid_table(max_distance, self.w_rel.in_features, q.device).to(q.dtype))
+        rel = rel.unflatten(-1, (-1, self.head_dim)).transpose(0, 1)  # [H, L, hd]
+        scores = torch.matmul(q + self.v.unsqueeze(1).to(q.dtype), rel.transpose(-1, -2))  # [B, H, Tq, L]
+        index = distance.unsqueeze(1).expand(-1, scores.shape[1], -1, -1)
+        return torch.gather(scores, -1, index) / self.head_dim**0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attn_bias: torch.Tensor | None = None,
+        distance: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain causal);
+        ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``."""
+        q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if self.position == "xl":
+            attn_bias = attn_bias + self._xl_bias(q, distance)
+            q = q + self.u.unsqueeze(1).to(q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if attn_bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout)
+        return self.o_proj(y.transpose(1, 2).flatten(-2))

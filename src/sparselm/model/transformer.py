@@ -1,0 +1,215 @@
+"""Decoder-only transformer with pre-norm blocks; every ``moe_every``-th block swaps its dense FFN for an MoE.
+
+Single-device code on purpose: data, tensor and expert parallelism are applied to this module from outside.
+The forward returns logits, the LM loss and, separately, the MoE auxiliary losses and per-layer routing statistics,
+so the training loop decides how to weight them and nothing hides in module state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sparselm.config import ModelConfig, MoEConfig
+from sparselm.model.attention import Attention, KVCache
+from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
+from sparselm.model.moe import MoE, MoEStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None  # mean next-token cross-entropy over targets != -100
+    aux_loss: torch.Tensor  # mean Switch load-balancing loss over MoE layers (0 for a dense model)
+    z_loss: torch.Tensor  # mean router z-loss over MoE layers (0 for a dense model)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one entry per MoE layer, in depth order
+
+
+def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's causal bucketing of distances >= 0: exact below num_buckets/2, log-spaced up to max_distance."""
+    exact = num_buckets // 2
+    log_part = torch.log(distance.float().clamp(min=1) / exact) / math.log(max(max_distance / exact, 1.0 + 1e-6))
+    large = (exact + (log_part * (num_buckets - exact)).long()).clamp(max=num_buckets - 1)
+    return torch.where(distance < exact, distance, large)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, use_moe: bool) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.bias, cfg.position, cfg.dropout)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        if use_moe:
+            self.ffn: nn.Module = MoE(
+                cfg.d_model,
+                moe.d_ff_expert or cfg.d_ff,
+                moe.num_experts,
+                moe.top_k,
+                cfg.ffn,
+                cfg.bias,
+                moe.dropless,
+                moe.capacity_factor,
+                moe.eval_capacity_factor,
+                moe.renormalize,
+                moe.jitter,
+                moe.shared_expert,
+                moe.router_init_std,
+            )
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.checkpoint = False  # set from outside (activation checkpointing is a training policy)
+
+    def _forward(self, x: torch.Tensor, attn_kwargs: dict) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), **attn_kwargs))
+        h = self.ffn(self.ffn_norm(x))
+        stats = None
+        if isinstance(h, tuple):
+            h, stats = h
+        return x + self.dropout(h), stats
+
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, MoEStats | None]:
+        if self.checkpoint and self.training and attn_kwargs.get("cache") is None:
+            return checkpoint(self._forward, x, attn_kwargs, use_reentrant=False)
+        return self._forward(x, attn_kwargs)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None) -> None:
+        super().__init__()
+        moe = moe if moe is not None else MoEConfig()
+        self.cfg = cfg
+        self.moe_cfg = moe
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "absolute" else None
+        self.rel_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.position == "relative" else None
+        self.layers = nn.ModuleList(Block(cfg, moe, self.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.init_weights()
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe_cfg.enabled and (index + 1) % self.moe_cfg.moe_every == 0
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter; callable after ``to_empty`` when the model was built on the meta device."""
+        std = self.cfg.init_std
+        # Residual-branch outputs get a smaller init so the residual stream's variance does not grow with depth.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith(("o_proj", "down"))
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif (
+                isinstance(module, nn.LayerNorm)
+                or hasattr(module, "reset_parameters")
+                and not isinstance(module, nn.Linear)
+            ):
+                module.reset_parameters()
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                experts = block.ffn.experts
+                nn.init.normal_(experts.w_up, std=std)
+                if experts.w_gate is not None:
+                    nn.init.normal_(experts.w_gate, std=std)
+                nn.init.normal_(experts.w_down, std=out_std)
+                for b in (experts.b_up, experts.b_down):
+                    if b is not None:
+                        nn.init.zeros_(b)
+            if self.cfg.position == "xl":
+                nn.init.zeros_(block.attn.u)
+                nn.init.zeros_(block.attn.v)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """``idx`` [B, T] token ids. ``positions`` [B, T] (default: 0.. or continuing the cache), ``valid`` [B, T]
+        False for padding. With ``cache`` the new keys/values are appended to it and ``cache.length`` advances."""
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        if int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        x = self.drop(x)
+
+        attn_kwargs = self._attention_inputs(positions, valid, cache, past)
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.layers):
+            x, layer_stats = block(x, layer=i, **attn_kwargs)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        if cache is not None:
+            cache.length += T
+
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        zero = torch.zeros((), device=idx.device)
+        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        return ModelOutput(logits, loss, aux, z, stats)
+
+    def _attention_inputs(self, positions, valid, cache: KVCache | None, past: int) -> dict:
+        """Everything attention needs besides x: RoPE tables, the additive mask/bias, XL distances, the cache."""
+        cfg = self.cfg
+        kwargs: dict = {"cache": cache}
+        if cfg.position == "rope":
+            kwargs["rope"] = rope_cos_sin(positions, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        if cache is not None:
+            cache.append_meta(positions, valid)
+            k_pos = cache.positions[:, : past + positions.shape[1]]
+            k_valid = cache.valid[:, : past + positions.shape[1]]
+        else:
+            k_pos, k_valid = positions, valid
+        needs_mask = cache is not None or not bool(valid.all()) or cfg.position in ("relative", "xl")
+        if not needs_mask:
+            return kwargs  # plain causal attention: SDPA's is_causal fast path
+        T, Tk = positions.shape[1], k_pos.shape[1]
+        q_slot = torch.arange(past, past + T, device=positions.device).unsqueeze(1)
+        k_slot = torch.arange(Tk, device=positions.device).unsqueeze(0)
+        # A query always sees its own slot: keeps padding rows finite (their outputs are never used).
+        allowed = ((k_slot <= q_slot) & k_valid.unsqueeze(1)) | (k_slot == q_slot)  # [B, Tq, Tk]
+        bias = torch.zeros(allowed.shape, device=positions.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+        distance = (positions.unsqueeze(2) - k_pos.unsqueeze(1)).clamp(min=0)  # [B, Tq, Tk]
+        if self.rel_bias is not None:
+            buckets = relative_bucket(distance, cfg.relative_buckets, cfg.relative_max_distance)
+            bias = bias + self.rel_bias(buckets).permute(0, 3, 1, 2)
+        kwargs["attn_bias"] = bias
+        if cfg.position == "xl":
+            kwargs["distance"] = distance
+        return kwargs
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.cfg
+        dtype = dtype or self.tok_emb.weight.dtype
+        hd = cfg.d_model // cfg.n_heads
+        return KVCache(cfg.n_layers, batch, cfg.n_heads, max_len, hd, dtype, self.tok_emb.weight.device)

@@ -1,0 +1,43 @@
+"""AdamW with decoupled weight decay on matrices only, and Gopher's schedule: linear warmup, cosine to 10%."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparselm.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Weight decay applies to tensors with two or more dims (matrices, embeddings, 3-D expert weights);
+    norms, biases and the XL position biases are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Fraction of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_steps = cfg.decay_steps or max_steps
+    if step >= decay_steps:
+        return cfg.min_lr_ratio
+    span = max(decay_steps - cfg.warmup_steps, 1)
+    progress = (step - cfg.warmup_steps) / span
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
