@@ -238,3 +238,20 @@ def test_generate_text() -> None:
     texts = generate_text(model, tok, ["hello", "a", ""], GREEDY)
     ids = generate(model, [tok.encode("hello"), tok.encode("a"), [tok.eod_id]], GREEDY, eod_id=tok.eod_id)
     assert texts == [tok.decode(out) for out in ids]
+
+
+def test_padding_takes_no_capacity_from_real_tokens() -> None:
+    """Capacity-mode MoE in a left-padded batch: pads are not routed, so real tokens see exactly the unpadded result."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64, init_std=0.5)
+    model = Transformer(cfg, MoEConfig(num_experts=8, top_k=1, moe_every=1, dropless=False, eval_capacity_factor=2.0))
+    model.eval()
+    # One prompt behind 16 pads (capacity depends on the batch's real tokens, so compare a batch of one).
+    idx = torch.tensor([[0] * 16 + [5, 6, 7]])
+    valid = idx != 0
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        padded = model(idx, positions=positions, valid=valid)
+        alone = model(torch.tensor([[5, 6, 7]]))
+    torch.testing.assert_close(padded.logits[0, -3:], alone.logits[0], atol=1e-5, rtol=1e-5)
+    assert [int(s.tokens_per_expert.sum()) for s in padded.moe_stats] == [3, 3]  # pads were never routed

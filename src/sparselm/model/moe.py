@@ -40,10 +40,18 @@ def _grouped_mm_ok(*dims: int, dtype: torch.dtype) -> bool:
     return all((d * itemsize) % 16 == 0 for d in dims)
 
 
+@torch.compiler.disable
+def _grouped_mm_eager(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x, w, offs=offsets)
+
+
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` [M, K] are sorted by group with ``counts`` [G] rows each; returns ``x_g @ w[g]`` -> [M, N]."""
     if _grouped_mm_ok(x.shape[-1], w.shape[-1], dtype=x.dtype):
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+            # torch.compile traces grouped_mm on CPU only in bf16; run fp32 eagerly (a graph break, not an error).
+            return _grouped_mm_eager(x, w, offsets)
         return F.grouped_mm(x, w, offs=offsets)
     # Fallback for shapes grouped_mm rejects (tiny test models): one matmul per expert, weights unbound once.
     pieces = torch.split(x, counts.tolist(), dim=0)
@@ -116,9 +124,21 @@ class MoE(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return math.ceil(factor * num_tokens * self.top_k / self.num_experts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        shape = x.shape
-        x = x.flatten(0, -2)  # [T, d_model]
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """``x`` [..., d_model]; ``valid`` [...] False for padding, which is neither routed nor counted (padding
+        would otherwise take capacity from real tokens and skew the load statistics and aux losses)."""
+        if valid is not None and not bool(valid.all()):
+            keep = valid.flatten()
+            flat = x.flatten(0, -2)
+            routed, stats = self._route_and_compute(flat[keep])
+            out = torch.zeros(flat.shape[0], flat.shape[1], dtype=routed.dtype, device=x.device)
+            out[keep] = routed
+            return out.unflatten(0, x.shape[:-1]), stats
+        out, stats = self._route_and_compute(x.flatten(0, -2))
+        return out.unflatten(0, x.shape[:-1]), stats
+
+    def _route_and_compute(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """Route, dispatch, compute and combine the tokens ``x`` [T, d_model]."""
         num_tokens = x.shape[0]
         route = self.router(x)
 
@@ -141,9 +161,8 @@ class MoE(nn.Module):
 
         y_rows = self.experts(x[token_of_row], counts)
         y_rows = y_rows * weights_flat[order].unsqueeze(-1).to(y_rows.dtype)
-        out = torch.zeros(num_tokens, shape[-1], dtype=y_rows.dtype, device=x.device)
+        out = torch.zeros(num_tokens, x.shape[-1], dtype=y_rows.dtype, device=x.device)
         out.index_add_(0, token_of_row, y_rows)
         if self.shared is not None:
             out = out + self.shared(x)
-        stats = MoEStats(route.aux_loss, route.z_loss, route.tokens_per_expert, dropped)
-        return out.unflatten(0, shape[:-1]), stats
+        return out, MoEStats(route.aux_loss, route.z_loss, route.tokens_per_expert, dropped)

@@ -65,18 +65,22 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.checkpoint = False  # set from outside (activation checkpointing is a training policy)
 
-    def _forward(self, x: torch.Tensor, attn_kwargs: dict) -> tuple[torch.Tensor, MoEStats | None]:
+    def _forward(self, x: torch.Tensor, valid, attn_kwargs: dict) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.dropout(self.attn(self.attn_norm(x), **attn_kwargs))
-        h = self.ffn(self.ffn_norm(x))
         stats = None
-        if isinstance(h, tuple):
-            h, stats = h
+        if isinstance(self.ffn, MoE):
+            h, stats = self.ffn(self.ffn_norm(x), valid)
+        else:
+            h = self.ffn(self.ffn_norm(x))
         return x + self.dropout(h), stats
 
-    def forward(self, x: torch.Tensor, **attn_kwargs) -> tuple[torch.Tensor, MoEStats | None]:
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, **attn_kwargs
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        """``valid`` [B, T] marks real tokens (None: all real); the rest goes to attention."""
         if self.checkpoint and self.training and attn_kwargs.get("cache") is None:
-            return checkpoint(self._forward, x, attn_kwargs, use_reentrant=False)
-        return self._forward(x, attn_kwargs)
+            return checkpoint(self._forward, x, valid, attn_kwargs, use_reentrant=False)
+        return self._forward(x, valid, attn_kwargs)
 
 
 class Transformer(nn.Module):
@@ -158,9 +162,10 @@ class Transformer(nn.Module):
         x = self.drop(x)
 
         attn_kwargs = self._attention_inputs(positions, valid, cache, past)
+        token_valid = None if bool(valid.all()) else valid
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
-            x, layer_stats = block(x, layer=i, **attn_kwargs)
+            x, layer_stats = block(x, token_valid, layer=i, **attn_kwargs)
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:

@@ -50,9 +50,10 @@ def autocast(cfg: Config) -> contextlib.AbstractContextManager:
 def build_model(cfg: Config) -> Transformer:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, cfg.moe)
-    if cfg.train.activation_checkpointing:
-        for block in model.layers:
-            block.checkpoint = True
+    for block in model.layers:
+        block.checkpoint = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            block.compile()  # in place: parameter names (and so checkpoints) are unchanged
     return model
 
 
