@@ -150,6 +150,12 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparselm.eval.command import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselm", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -214,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ppl)
+
+    from sparselm.eval.command import add_arguments  # argparse only: keeps --help instant
+
+    p = verbs.add_parser("eval", help="evaluate checkpoints on LAMBADA, PIQA, ... and compare them")
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
