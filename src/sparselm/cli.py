@@ -86,7 +86,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         step, val = result.val_losses[-1]
         import math
 
-        print(f"final validation loss {val:.4f}, perplexity {math.exp(val):.2f} (step {step})")
+        print(
+            f"final validation loss {val:.4f}, perplexity {math.exp(val):.2f} (step {step}, first "
+            f"{cfg.train.eval_batches} validation batches; `sparselm ppl` scores the whole split)"
+        )
     print(f"run directory: {result.run_dir}")
     return 0
 
@@ -226,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate checkpoints on LAMBADA, PIQA, ... and compare them")
     add_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    from sparselm.pipeline.cli_args import add_data_verbs  # argparse only: keeps --help instant
+
+    add_data_verbs(verbs)
     return parser
 
 
