@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import zipfile
@@ -15,9 +16,11 @@ import zstandard
 from sparselm.cli import main
 from sparselm.config import ConfigError
 from sparselm.data.loader import TokenShards
+from sparselm.pipeline import report as report_module
 from sparselm.pipeline import run as run_module
 from sparselm.pipeline.config import PipelineConfig, config_from_dict, load_pipeline_config, validate
 from sparselm.pipeline.executor import DaskExecutor
+from sparselm.pipeline.quality import QualityModel
 from sparselm.pipeline.run import run_pipeline
 from sparselm.tokenizer import Tokenizer
 
@@ -170,6 +173,17 @@ def test_planted_duplicates_are_found_across_sources(planted_run) -> None:
     assert summary["dedup"]["exact"] == 1 and summary["dedup"]["near"] == 1 and summary["dedup"]["cross_source"] == 1
 
 
+def test_report_shows_duplicate_clusters_or_says_there_are_none(planted_run) -> None:
+    out, summary = planted_run
+    report = (out / "report.md").read_text()
+    assert "| cluster size | clusters |" in report and "report/duplicate_clusters.png" in report
+    assert (out / "report" / "duplicate_clusters.png").is_file() and "No duplicate clusters" not in report
+    unique = copy.deepcopy(summary)  # the same run as if nothing had been duplicated
+    unique["dedup"].update(exact=0, near=0, cross_source=0, cluster_sizes={}, examples={})
+    text = "\n".join(report_module._dedup(unique, {}, "report"))
+    assert "No duplicate clusters were found" in text and "cluster size" not in text
+
+
 def test_token_shards_load_and_follow_the_mixture(planted_run, tiny_tokenizer: Tokenizer) -> None:
     out, summary = planted_run
     train, val = TokenShards(out / "tokens", "train"), TokenShards(out / "tokens", "val")
@@ -231,6 +245,7 @@ def test_dask_executor_in_local_mode_gives_the_same_result(
         ('[[source]]\nname = "a"\npaths = ["x"]\nweight = 1.0\nfilters = ["nope"]\n', "unknown filter 'nope'"),
         ('[[source]]\nname = "a"\npaths = ["x"]\nweight = 1.0\nquality = "pareto"\n', "no classifier"),
         ('[quality]\npositive = ["b"]\n[[source]]\nname = "a"\npaths = ["x"]\nweight = 1\n', "'b' is not a source"),
+        ("[quality]\nfolds = 1\n", "quality.folds must be 0"),
         ("[filters.word_count]\nmax = 'many'\n", "filters.word_count.max: expected a number"),
     ],
 )
@@ -266,6 +281,12 @@ def test_tiny_config_end_to_end_with_the_quality_classifier_through_the_cli(
     assert "quality_pareto" in summary["sources"]["c4"]["filtered"]
     assert (tmp_path / "docs" / "report" / "quality_scores.png").is_file()
     assert "## Quality classifier" in (tmp_path / "docs" / "report.md").read_text()
+    # c4 is one of the classifier's negatives: its documents were scored by the fold model that did not see them
+    classifier = QualityModel.load(out / "quality.npz")
+    assert summary["quality"]["folds"] == 5 and classifier.crossfits("c4") and classifier.crossfits("wiki")
+    with gzip.open(out / "clean" / "c4" / "00000.jsonl.gz", "rt") as f:
+        kept = [json.loads(line) for line in f][:20]
+    assert kept and all(d["score"] == pytest.approx(classifier.score(d["text"], crossfit=True), abs=1e-4) for d in kept)
 
     model = out / "quality.npz"
     scores = tmp_path / "scores.jsonl"
@@ -273,7 +294,8 @@ def test_tiny_config_end_to_end_with_the_quality_classifier_through_the_cli(
     assert main(["data", "quality", "score", "--model", str(model), "--input", c4, "--out", str(scores)]) == 0
     lines = [json.loads(line) for line in scores.read_text().splitlines()]
     assert len(lines) == 1000 and all(0.0 <= line["score"] <= 1.0 for line in lines)
-    assert json.loads(capsys.readouterr().err)["documents"] == 1000
+    result = json.loads(capsys.readouterr().err)
+    assert result["documents"] == 1000 and result["crossfitted_inputs"] == []  # a path, not the source name c4
 
     new_model = tmp_path / "q.npz"
     train = ["data", "quality", "train", "--config", "configs/pipeline/tiny.toml", "--positive", "wiki"]

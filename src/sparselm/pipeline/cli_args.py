@@ -51,6 +51,7 @@ def cmd_data_quality_train(args: argparse.Namespace) -> int:
         max_passages=args.max_passages,
         passage_chars=args.passage_chars,
         seed=args.seed,
+        folds=args.folds,
     )
     print(
         f"held-out passages: {metrics['heldout_passages']:,}; precision {metrics['precision']:.4f}, "
@@ -105,8 +106,19 @@ def add_data_verbs(verbs: Any) -> None:
     train.add_argument("--max-passages", type=int, default=3000, help="passages sampled per source")
     train.add_argument("--passage-chars", type=int, default=2000)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-fitting fold models (0 = none): `score` rates a training source's documents with the fold "
+        "model that did not see them",
+    )
     train.set_defaults(func=cmd_data_quality_train)
-    score = quality.add_parser("score", help="score documents: one JSON line per document (location, score)")
+    score = quality.add_parser(
+        "score",
+        help="score documents: one JSON line per document (location, score); an input that is one of the model's "
+        "training sources (same name or path) is scored by cross-fitting",
+    )
     score.add_argument("--model", required=True, help="a model from `sparselm data quality train`")
     score.add_argument("--input", action="append", required=True, help=source_help)
     score.add_argument("--out", help="write the JSON lines here instead of stdout")

@@ -67,6 +67,7 @@ class QualitySection:
     ngram_max: int = 2
     n_features: int = 1 << 20
     c: float = 1.0
+    folds: int = 5  # cross-fitting: the training sources' documents are scored by fold models that did not see them
 
 
 @dataclass
@@ -283,6 +284,7 @@ def validate(cfg: PipelineConfig) -> None:
     _check(q.passage_chars >= 100, f"quality.passage_chars must be >= 100, got {q.passage_chars}")
     _check(q.ngram_max >= 1 and q.n_features >= 1024, "quality.ngram_max must be >= 1 and quality.n_features >= 1024")
     _check(q.c > 0, f"quality.c must be > 0, got {q.c}")
+    _check(q.folds == 0 or 2 <= q.folds <= 20, f"quality.folds must be 0 (off) or in [2, 20], got {q.folds}")
     _check(bool(cfg.sources), "no [[source]] tables: describe at least one source")
     names = [s.name for s in cfg.sources]
     for i, s in enumerate(cfg.sources):

@@ -2,9 +2,10 @@
 
 ``process_shard(task)`` is a pure function of its task (a picklable description of one input file and every setting
 that affects it): it reads the file, extracts and normalises documents, tokenises them, scores them with the quality
-model, applies the source's filters and quality selection, and computes each survivor's dedup keys. It touches
-nothing but its own output files, so any executor (a local process pool, a dask cluster) can run it, and a shard
-whose ``.done.json`` exists with the same key never needs to run again. Files written for ``PREFIX``:
+model (cross-fitted for the classifier's own training sources), applies the source's filters and quality
+selection, and computes each survivor's dedup keys. It touches nothing but its own output files, so any executor (a
+local process pool, a dask cluster) can run it, and a shard whose ``.done.json`` exists with the same key never needs
+to run again. Files written for ``PREFIX``:
 
     PREFIX.docs.jsonl.gz    candidates (survived filters and selection): id, location, text, quality score
     PREFIX.tokens.bin       their token ids, concatenated (prepare's dtype for the tokenizer's vocabulary)
@@ -138,7 +139,10 @@ def process_shard(task: ShardTask) -> dict[str, Any]:
             nonlocal offset
             texts = [text for _, _, text in batch]
             token_ids = tokenizer.encode_batch(texts)
-            scores = model.score_many(texts) if model is not None else np.full(len(texts), np.nan)
+            if model is None:
+                scores = np.full(len(texts), np.nan)
+            else:  # documents of the classifier's own training sources: scored by the fold model without them
+                scores = model.score_many(texts, crossfit=model.crossfits(task.source))
             for (ordinal, rec, text), ids, score in zip(batch, token_ids, scores, strict=True):
                 doc_id = f"{task.source}/{task.shard:05d}/{ordinal}"
                 ntok, size = len(ids), rec.size

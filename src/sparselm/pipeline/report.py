@@ -251,6 +251,7 @@ def _quality(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[st
     out += _table(
         ["precision", "recall", "ROC AUC", "accuracy"], [[q["precision"], q["recall"], q["auc"], q["accuracy"]]]
     )
+    folds = q.get("folds") or 0
     rows = [
         [
             n,
@@ -258,19 +259,41 @@ def _quality(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[st
             _n(v["documents"]),
             _n(v["train_passages"]),
             _n(v["heldout_passages"]),
-            "-" if v["heldout_mean_score"] is None else v["heldout_mean_score"],
+            _score(v.get("heldout_mean_score")),
+            _score(v.get("train_mean_score")),
+            _score(v.get("crossfit_mean_score")),
         ]
         for n, v in q["sources"].items()
     ]
-    out += _table(["source", "class", "documents", "train passages", "held-out passages", "held-out mean score"], rows)
-    if "quality" in plots:
+    header = ["source", "class", "documents", "train passages", "held-out passages", "held-out mean score"]
+    header += ["train mean score (full model)", "out-of-fold mean score"]
+    out += _table(header, rows)
+    training = ", ".join(q["sources"])
+    if folds:
         out += [
-            "Score of every extracted document, per source:",
-            "",
-            f"![quality scores]({plot_dir}/{plots['quality']})",
+            f"Cross-fitting: the documents of the training sources ({training}) are split into {folds} folds by a "
+            f"hash of their text, and {folds} more models are trained, each without one fold. The pipeline scores a "
+            "document of a training source with the model that did not see its fold (out-of-fold mean score above, "
+            f"ROC AUC {q['crossfit_auc']} over the training passages), and documents of other sources with the full "
+            "model. The full model's scores of its own training passages (train mean score) show the bias that "
+            "this avoids.",
             "",
         ]
+    elif "folds" in q:  # (a model from before cross-fitting existed records no folds at all)
+        out += [
+            f"No cross-fitting (quality.folds = 0): documents of the training sources ({training}) are scored by a "
+            "model that was trained on some of them, so their scores lean towards their class.",
+            "",
+        ]
+    if "quality" in plots:
+        note = " (cross-fitted for the training sources)" if folds else ""
+        out += [f"Score of every extracted document, per source{note}:", ""]
+        out += [f"![quality scores]({plot_dir}/{plots['quality']})", ""]
     return out
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _dedup(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[str]:
@@ -284,10 +307,20 @@ def _dedup(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[str]
         "another source. Each cluster keeps its first document in config order (source, file, position).",
         "",
     ]
+    candidates = sum(src["accounting"]["kept"] + src["accounting"]["duplicates"] for src in s["sources"].values())
+    methods = [name for name, on in (("exact", cfg.get("exact", True)), ("near", cfg.get("near", True))) if on]
     if d["cluster_sizes"]:
+        out += ["Duplicate clusters by size (a cluster is one kept document and its duplicates):", ""]
         out += _table(["cluster size", "clusters"], [[k, v] for k, v in d["cluster_sizes"].items()])
+    elif methods:
+        out += [
+            f"**No duplicate clusters were found**: none of the {candidates:,} candidate documents (those that "
+            f"passed the filters and quality selection) is a duplicate ({' or '.join(methods)}) of another, so "
+            "there is no cluster-size table or plot.",
+            "",
+        ]
     else:
-        out += ["No duplicate clusters: every candidate document was unique at this threshold.", ""]
+        out += ["Deduplication is off (dedup.exact = dedup.near = false).", ""]
     if "clusters" in plots:
         out += [f"![duplicate clusters]({plot_dir}/{plots['clusters']})", ""]
     for kind, shelf in d["examples"].items():

@@ -92,6 +92,7 @@ def prepare_quality_model(
         q.holdout_fraction,
         q.c,
         cfg.run.seed,
+        q.folds,
     )
     names = [(n, 1) for n in q.positive] + [(n, 0) for n in q.negative]
     identity = [
@@ -107,7 +108,7 @@ def prepare_quality_model(
         except ValueError:
             pass  # not a model we can read: train a new one over it
     sources = [(n, label, source_documents(files[n], read_options(cfg, cfg.source(n)))) for n, label in names]
-    model, metrics = train_classifier(sources, settings)
+    model, metrics = train_classifier(sources, settings, workers=cfg.run.workers)
     model.info["train_key"] = key
     model.save(path)
     (path.with_suffix(".json")).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
