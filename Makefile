@@ -35,6 +35,9 @@ bench: venv
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/moe_layer.py --write-docs
 	$(BIN)/python benchmarks/train.py --write-docs
+	$(BIN)/python benchmarks/zero_memory.py --write-docs
+	$(BIN)/python benchmarks/comm_volume.py --write-docs
+	$(BIN)/python benchmarks/step_time.py --write-docs
 	@test -f $(DATA)/tokenizer.model || $(BIN)/sparselm tokenizer train --out $(DATA)/tokenizer --vocab-size 8192
 	$(BIN)/python benchmarks/data_pipeline.py --write-docs
 

@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for the job
     if result.val_losses:
         step, val = result.val_losses[-1]
         import math
@@ -91,6 +93,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{cfg.train.eval_batches} validation batches; `sparselm ppl` scores the whole split)"
         )
     print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparselm.train.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out)
+    print(f"wrote {out / 'model.safetensors'} (with config.toml and tokenizer.model: a checkpoint for one process)")
     return 0
 
 
@@ -193,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, tensorboard/)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("export", help="consolidate a (sharded) checkpoint into one model.safetensors")
+    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory (any layout)")
+    p.add_argument("--out", required=True, help="output directory: model.safetensors, config.toml, tokenizer.model")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("generate", help="generate text from a checkpoint (KV-cache decoding)")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")

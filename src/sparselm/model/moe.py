@@ -1,8 +1,22 @@
-"""Mixture-of-Experts FFN: route, sort tokens by expert, run all experts in grouped matmuls, combine.
+"""Mixture-of-Experts FFN: route, sort tokens by expert, run every expert on its contiguous block of rows, combine.
 
 Expert weights are 3-D parameters ``[num_experts, d_in, d_out]`` so that FSDP and expert parallelism can shard
-dim 0. There is no Python loop over tokens or experts on the main path: ``torch.nn.functional.grouped_mm`` takes the
-expert-sorted tokens and the per-expert offsets in one call per projection.
+dim 0. There is never a Python loop over tokens. Two expert kernels compute the same thing (``Experts.impl``):
+
+- ``"loop"`` (the default on CPU): a custom autograd Function that walks the experts once in the forward and once in
+  the backward, doing all of one expert's work while its weights and rows are in cache. On CPU this is what
+  ``grouped_mm`` does inside anyway (one GEMM per group), but the Function also casts each expert's fp32 master
+  weights to the autocast dtype one expert at a time instead of materialising bf16 copies of all E experts,
+  writes the fp32 weight gradients in place instead of going through full-size bf16 gradients, recycles the
+  gradient memory of earlier steps (see ``_grad_buffer``), recomputes the activation in the backward instead of
+  saving it, and folds the gate weights into the expert outputs. Those full-size copies are what made an MoE
+  slower than a dense FFN of equal active FLOPs: their cost grows with the total parameter count, and on CPU every
+  fresh buffer above 32 MB also costs a page fault per 4 KiB.
+- ``"grouped_mm"`` (the default elsewhere): plain autograd through ``torch.nn.functional.grouped_mm``, one call per
+  projection, for GPUs where a Python loop over experts would be launch-bound.
+
+Dispatch and combine are gathers in both directions (the inverse permutation replaces ``index_add``'s scatter
+whenever no assignment was dropped), so the backward has no atomics and is deterministic.
 
 Two modes:
 - dropless (default): every token reaches its top-k experts, however unbalanced the routing.
@@ -14,11 +28,13 @@ Two modes:
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from sparselm.model.layers import FeedForward
 from sparselm.model.router import Router
@@ -32,6 +48,51 @@ class MoEStats:
     z_loss: torch.Tensor  # scalar, router z-loss (coefficient not applied)
     tokens_per_expert: torch.Tensor  # [E] assignments chosen by the router (before dropping)
     dropped: torch.Tensor  # scalar int64, assignments dropped for lack of capacity
+
+
+# ------------------------------------------------------------------------------------------- gradient buffers
+
+# Whether the loop kernel recycles the memory of earlier steps' expert weight gradients (see _grad_buffer).
+REUSE_GRAD_BUFFERS = hasattr(torch._C, "_storage_Use_Count")
+_GRAD_BUFFERS: dict[int, tuple[weakref.ref, list[torch.Tensor]]] = {}
+_MAX_BUFFERS = 2  # e.g. one held as .grad while gradients accumulate over micro-batches, one being written
+
+
+def _grad_buffer(param: torch.Tensor) -> torch.Tensor:
+    """Uninitialised memory for the gradient of ``param``, recycled from earlier steps once nobody uses it (CPU).
+
+    Every fresh buffer above 32 MB is a fresh mmap on Linux, faulted in 4 KiB at a time, and the expert weight
+    gradients are big (3 x E*d*f fp32: 400 MB at E=64, d 512, f 1024) and new every step: ~0.2 s of page faults
+    single-threaded, a fifth of the layer. So we keep an owner tensor per buffer and hand out a second tensor on the
+    same storage, which autograd adopts as ``param.grad`` without copying. Once ``zero_grad()`` (set_to_none) has
+    dropped that gradient, the storage is referenced by the owner alone and the next backward writes into memory
+    that is already mapped. A buffer is handed out only when its storage has no other user at all (no ``.grad``, no
+    view of it anywhere), so nothing anyone can see is ever overwritten; otherwise a new buffer is made (at most two
+    are kept per weight). The cost: the buffers stay allocated between steps, as with ``set_to_none=False``.
+    """
+    if not REUSE_GRAD_BUFFERS or param.device.type != "cpu":
+        return torch.empty_like(param, memory_format=torch.contiguous_format)
+    key = id(param)
+    entry = _GRAD_BUFFERS.get(key)
+    if entry is None or entry[0]() is not param:
+        entry = (weakref.ref(param, lambda _, key=key: _GRAD_BUFFERS.pop(key, None)), [])
+        _GRAD_BUFFERS[key] = entry
+    pool = entry[1]
+    for owner in pool:
+        # 2 = the owner + the temporary storage object made by this very call: nobody else holds the memory.
+        if owner.shape == param.shape and torch._C._storage_Use_Count(owner.untyped_storage()._cdata) == 2:
+            break
+    else:
+        owner = torch.empty_like(param, memory_format=torch.contiguous_format)
+        if len(pool) >= _MAX_BUFFERS:
+            return owner
+        pool.append(owner)
+    return torch.empty(0, dtype=owner.dtype, device=owner.device).set_(
+        owner.untyped_storage(), 0, owner.shape, owner.stride()
+    )
+
+
+# ------------------------------------------------------------------------------------------- grouped_mm (GPU path)
 
 
 def _grouped_mm_ok(*dims: int, dtype: torch.dtype) -> bool:
@@ -58,25 +119,209 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
     return torch.cat([p @ wg for p, wg in zip(pieces, w.unbind(0), strict=True)], dim=0)
 
 
+# ------------------------------------------------------------------------------------------------- loop (CPU path)
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """All experts over rows sorted by expert, optionally scaled by per-row gates; see the module docstring.
+
+    Forward per expert e with rows r: ``u = x_r W_up[e] (+ b_up)``, ``g = x_r W_gate[e]``,
+    ``y_r = gate_r * ((silu(g) * u) W_down[e] (+ b_down))`` (GELU: ``gelu(u)`` instead of ``silu(g) * u``).
+    Saved: x, u, g (the pre-activations, in the compute dtype). The activation is recomputed in the backward: two
+    cheap elementwise passes over rows that are in cache anyway, instead of two more [M, d_ff] tensors in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gates, counts, w_up, w_gate, w_down, b_up, b_down):
+        cd = x.dtype  # compute dtype; the weights may be fp32 masters (autocast) and are cast one expert at a time
+        m = x.shape[0]
+        f = w_up.shape[-1]
+        gated = w_gate is not None
+        with torch.autocast(x.device.type, enabled=False):
+            h_up = torch.empty(m, f, dtype=cd, device=x.device)
+            h_gate = torch.empty(m, f, dtype=cd, device=x.device) if gated else None
+            y = torch.empty(m, w_down.shape[-1], dtype=cd, device=x.device)
+            gates_c = gates.to(cd).unsqueeze(-1) if gates is not None else None
+            start = 0
+            for e, n in enumerate(counts):
+                if n == 0:
+                    continue
+                r = slice(start, start + n)
+                start += n
+                xe = x[r]
+                u = torch.mm(xe, w_up[e].to(cd), out=h_up[r])
+                if b_up is not None:
+                    u.add_(b_up[e].to(cd))
+                if gated:
+                    g = torch.mm(xe, w_gate[e].to(cd), out=h_gate[r])
+                    a = F.silu(g).mul_(u)
+                else:
+                    a = F.gelu(u, approximate="tanh")
+                ye = torch.mm(a, w_down[e].to(cd), out=y[r])
+                if b_down is not None:
+                    ye.add_(b_down[e].to(cd))
+                if gates_c is not None:
+                    ye.mul_(gates_c[r])
+        ctx.counts = counts
+        ctx.has_bias = (b_up is not None, b_down is not None)
+        ctx.save_for_backward(x, gates, h_up, h_gate, w_up, w_gate, w_down, b_down)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, gates, h_up, h_gate, w_up, w_gate, w_down, b_down = ctx.saved_tensors
+        need_x, need_gates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        cd = x.dtype
+        master = w_up.dtype
+        direct = master == cd  # fp32 (or pure bf16) training: GEMMs write straight into the gradient buffers
+        gated = w_gate is not None
+        num_experts, _, f = w_up.shape
+        with torch.autocast(x.device.type, enabled=False):
+            dy = dy.to(cd)
+            g_up = _grad_buffer(w_up)
+            g_gate = _grad_buffer(w_gate) if gated else None
+            g_down = _grad_buffer(w_down)
+            gb_up = torch.zeros(num_experts, f, dtype=master, device=x.device) if ctx.has_bias[0] else None
+            gb_down = torch.zeros_like(b_down) if b_down is not None else None
+            dx = torch.empty_like(x) if need_x else None
+            dgates = torch.empty_like(gates) if gates is not None and need_gates else None
+            gates_c = gates.to(cd).unsqueeze(-1) if gates is not None else None
+            start = 0
+            for e, n in enumerate(ctx.counts):
+                if n == 0:
+                    # An expert without rows still owns a gradient: an exact zero.
+                    for g_w in (g_up, g_gate, g_down):
+                        if g_w is not None:
+                            g_w[e].zero_()
+                    continue
+                r = slice(start, start + n)
+                start += n
+                xe, u, dy_gated = x[r], h_up[r], dy[r]
+                # Gradient w.r.t. the expert output before gating; ``t`` is the same through W_down^T.
+                dye = dy_gated * gates_c[r] if gates_c is not None else dy_gated
+                t = torch.mm(dy_gated, w_down[e].to(cd).t())
+                if gated:
+                    g = h_gate[r]
+                    silu_g = F.silu(g)
+                    a = silu_g * u
+                else:
+                    a = F.gelu(u, approximate="tanh")
+                if dgates is not None:
+                    # d gate_r = <dy_r, a_r W_down + b_down> = <dy_r W_down^T, a_r> + <dy_r, b_down>
+                    dg = (t * a).sum(-1, dtype=torch.float32)
+                    if b_down is not None:
+                        dg += dy_gated.float() @ b_down[e].float()
+                    dgates[r] = dg
+                da = t.mul_(gates_c[r]) if gates_c is not None else t
+                if gated:
+                    du = da * silu_g
+                    dpre_gate = torch.ops.aten.silu_backward(da.mul_(u), g)
+                else:
+                    du = torch.ops.aten.gelu_backward(da, u, approximate="tanh")
+                    dpre_gate = None
+                if direct:
+                    torch.mm(a.t(), dye, out=g_down[e])
+                    torch.mm(xe.t(), du, out=g_up[e])
+                else:
+                    g_down[e].copy_(torch.mm(a.t(), dye))
+                    g_up[e].copy_(torch.mm(xe.t(), du))
+                if dpre_gate is not None:
+                    if direct:
+                        torch.mm(xe.t(), dpre_gate, out=g_gate[e])
+                    else:
+                        g_gate[e].copy_(torch.mm(xe.t(), dpre_gate))
+                if dx is not None:
+                    dxe = torch.mm(du, w_up[e].to(cd).t(), out=dx[r])
+                    if dpre_gate is not None:
+                        dxe.addmm_(dpre_gate, w_gate[e].to(cd).t())
+                if gb_up is not None:
+                    gb_up[e] = du.sum(0, dtype=torch.float32)
+                if gb_down is not None:
+                    gb_down[e] = dye.sum(0, dtype=torch.float32)
+        return dx, dgates, None, g_up, g_gate, g_down, gb_up, gb_down
+
+
+@torch.compiler.disable  # a data-dependent loop: torch.compile runs it eagerly behind a graph break
+def _expert_loop(x, gates, counts, w_up, w_gate, w_down, b_up, b_down) -> torch.Tensor:
+    return _ExpertLoop.apply(x, gates, counts.tolist(), w_up, w_gate, w_down, b_up, b_down)
+
+
+# ------------------------------------------------------------------------------------------- dispatch and combine
+
+
+class _Dispatch(torch.autograd.Function):
+    """``rows = x[token_of_row]``. Backward: when every assignment is present (dropless), each token's k row
+    gradients are gathered with the inverse permutation and summed; otherwise scattered with ``index_add``."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, inverse, top_k):
+        ctx.save_for_backward(token_of_row, inverse)
+        ctx.top_k = top_k
+        ctx.x_shape = x.shape
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        token_of_row, inverse = ctx.saved_tensors
+        if inverse is not None:
+            dx = grad.index_select(0, inverse).view(ctx.top_k, ctx.x_shape[0], grad.shape[-1]).sum(0)
+        else:
+            dx = grad.new_zeros(ctx.x_shape).index_add_(0, token_of_row, grad)
+        return dx, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum of the rows of token t`` (rows already gated). Backward is a plain gather."""
+
+    @staticmethod
+    def forward(ctx, rows, token_of_row, inverse, top_k, num_tokens):
+        ctx.save_for_backward(token_of_row)
+        if inverse is not None:
+            # Choice-major assignments: the inverse permutation lays the rows out as [k, T, d].
+            return rows.index_select(0, inverse).view(top_k, num_tokens, rows.shape[-1]).sum(0)
+        return rows.new_zeros(num_tokens, rows.shape[-1]).index_add_(0, token_of_row, rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (token_of_row,) = ctx.saved_tensors
+        return grad.index_select(0, token_of_row), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+
+
 class Experts(nn.Module):
-    """E independent FFNs stored as 3-D weights. SwiGLU: gate/up [E, d_model, d_ff], down [E, d_ff, d_model]."""
+    """E independent FFNs stored as 3-D weights. SwiGLU: gate/up [E, d_model, d_ff], down [E, d_ff, d_model].
+
+    ``impl`` picks the kernel: "auto" (loop on CPU, grouped_mm elsewhere), "loop" or "grouped_mm"; all agree.
+    """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, kind: str = "swiglu", bias: bool = False) -> None:
         super().__init__()
         self.kind = kind
+        self.impl = "auto"
         self.w_up = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w_gate = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if kind == "swiglu" else None
         self.w_down = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b_up = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, d_model] sorted by expert, ``counts`` [E] rows per expert -> [M, d_model]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [M, d_model] sorted by expert, ``counts`` [E] rows per expert, optional ``gates`` [M] scaling each
+        row's output -> [M, d_model] in the compute dtype (the autocast dtype if autocast is on)."""
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
-            # autocast does not cover grouped_mm: cast inputs and weights to the autocast dtype ourselves.
+            # autocast covers neither grouped_mm nor the loop: cast inputs and weights to the autocast dtype ourselves.
             dtype = torch.get_autocast_dtype(x.device.type)
         x = x.to(dtype)
+        impl = self.impl if self.impl != "auto" else ("loop" if x.device.type == "cpu" else "grouped_mm")
+        if impl == "loop":
+            return _expert_loop(x, gates, counts, self.w_up, self.w_gate, self.w_down, self.b_up, self.b_down)
+        if impl != "grouped_mm":
+            raise ValueError(f"unknown experts impl {self.impl!r}: expected 'auto', 'loop' or 'grouped_mm'")
         rows_expert = None
         if self.b_up is not None:
             rows_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts)
@@ -90,6 +335,8 @@ class Experts(nn.Module):
         y = grouped_matmul(h, self.w_down.to(dtype), counts)
         if self.b_down is not None:
             y = y + self.b_down.to(dtype)[rows_expert]
+        if gates is not None:
+            y = y * gates.to(dtype).unsqueeze(-1)
         return y
 
 
@@ -158,11 +405,24 @@ class MoE(nn.Module):
             dropped = counts.sum() - kept.sum()
             counts = kept
         token_of_row = order % num_tokens
+        inverse = None
+        if order.numel() == experts_flat.numel():
+            # Nothing dropped: row -> assignment is a permutation, and its inverse turns scatters into gathers.
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=x.device)
 
-        y_rows = self.experts(x[token_of_row], counts)
-        y_rows = y_rows * weights_flat[order].unsqueeze(-1).to(y_rows.dtype)
-        out = torch.zeros(num_tokens, x.shape[-1], dtype=y_rows.dtype, device=x.device)
-        out.index_add_(0, token_of_row, y_rows)
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        # Cast before the gather: k times fewer bytes to convert and half the bytes to move under bf16.
+        rows = _Dispatch.apply(x.to(dtype), token_of_row, inverse, self.top_k)
+        gates = weights_flat[order]
+        if isinstance(self.experts, Experts):
+            y_rows = self.experts(rows, counts, gates)  # gates folded into the expert kernel
+        else:  # a drop-in replacement with the plain (rows, counts) call, e.g. ParallelExperts
+            y_rows = self.experts(rows, counts)
+            y_rows = y_rows * gates.unsqueeze(-1).to(y_rows.dtype)
+        out = _Combine.apply(y_rows, token_of_row, inverse, self.top_k, num_tokens)
         if self.shared is not None:
             out = out + self.shared(x)
         return out, MoEStats(route.aux_loss, route.z_loss, route.tokens_per_expert, dropped)

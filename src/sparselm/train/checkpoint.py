@@ -1,13 +1,19 @@
 """Checkpoints: one directory per step, written to a temporary name and renamed into place.
 
-Layout of ``RUN_DIR/checkpoints/step_00000100/``:
+Layout of ``RUN_DIR/checkpoints/step_00000100/`` written by a single process:
 - ``model.safetensors``: weights (no pickle);
 - ``optimizer.pt``: optimizer and scheduler state (tensors and numbers only, loaded with ``weights_only=True``);
 - ``trainer_state.json``: step, data-sampler position, counters;
 - ``rng.pt``: torch RNG state (a uint8 tensor);
 - ``config.toml`` and ``tokenizer.model``: everything needed to use the checkpoint on its own.
-A directory named ``step_*`` exists only once all of it was written, so a crash mid-save never leaves a
-checkpoint that looks complete.
+
+A parallel job (torchrun) writes ``dcp/`` instead of the first three: a ``torch.distributed.checkpoint`` of model
+and optimizer state with global shapes, each rank writing its own shard (see sparselm.parallel.checkpoint), and
+puts the scheduler state in ``trainer_state.json``. Either format resumes in any layout, including one process;
+``sparselm export`` turns a ``dcp/`` checkpoint into a single ``model.safetensors``.
+
+A directory named ``step_*`` exists only once all of it was written (every rank's shard included), so a crash
+mid-save never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from torch import nn
 from sparselm.config import Config, ConfigError, load_config, to_toml
 from sparselm.errors import CheckpointError
 
+DCP_DIR = "dcp"  # sharded (torch.distributed.checkpoint) model + optimizer state inside a step_* directory
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -36,6 +44,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_dcp_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / DCP_DIR / ".metadata").is_file()
+
+
+def _sharded():
+    # Imported on use: torch.distributed.checkpoint is not needed to read single-process checkpoints.
+    from sparselm.parallel import checkpoint
+
+    return checkpoint
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -54,7 +73,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory or a run directory (then its latest checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or is_dcp_checkpoint(path):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
@@ -72,7 +91,12 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     tokenizer_path: str | Path | None = None,
     keep_last: int = 0,
+    runtime=None,
 ) -> Path:
+    if runtime is not None:
+        return _save_sharded_checkpoint(
+            run_dir, step, model, cfg, optimizer, scheduler, trainer_state, tokenizer_path, keep_last, runtime
+        )
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -103,6 +127,77 @@ def save_checkpoint(
     return final
 
 
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _save_sharded_checkpoint(
+    run_dir, step, model, cfg, optimizer, scheduler, trainer_state, tokenizer_path, keep_last, runtime
+) -> Path:
+    """Every rank writes its shard into the same temporary directory; rank 0 renames it once all are done."""
+    import torch.distributed as dist
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"  # one name for all ranks (a restarted job reuses and clears it)
+    main = runtime.env.is_main
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    _sharded().save_sharded(tmp / DCP_DIR, model, optimizer)
+    if main:
+        state = {
+            "step": step,
+            **(trainer_state or {}),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "format": "dcp",
+            "layout": runtime.layout.describe(),
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "config.toml").write_text(to_toml(cfg))
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        _fsync_tree(tmp)
+    dist.barrier()  # every shard is on disk before the directory gets its final name
+    if main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        if keep_last > 0:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()  # nobody moves on (or exits) before the checkpoint is in place
+    return final
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Write ``out/model.safetensors`` (one file, all weights), ``config.toml`` and ``tokenizer.model`` from any
+    checkpoint: a directory ``sparselm generate``/``ppl``/``eval`` load in one process."""
+    from sparselm.model.transformer import Transformer
+
+    ckpt = resolve_checkpoint(ckpt)
+    cfg = load_config_from_checkpoint(ckpt)
+    model = Transformer(cfg.model, cfg.moe)
+    load_model_weights(model, ckpt)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    step = json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0)
+    save_file(weights, str(out / "model.safetensors"), metadata={"step": str(step), "exported_from": str(ckpt)})
+    (out / "config.toml").write_text(to_toml(cfg))
+    if (ckpt / "tokenizer.model").is_file():
+        shutil.copyfile(ckpt / "tokenizer.model", out / "tokenizer.model")
+    (out / "trainer_state.json").write_text(json.dumps({"step": step, "exported_from": str(ckpt)}, indent=1))
+    return out
+
+
 def load_config_from_checkpoint(ckpt: str | Path) -> Config:
     ckpt = resolve_checkpoint(ckpt)
     try:
@@ -114,6 +209,12 @@ def load_config_from_checkpoint(ckpt: str | Path) -> Config:
 def load_model_weights(model: nn.Module, ckpt: str | Path) -> None:
     """Load weights strictly: missing, unexpected or mis-shaped tensors are errors naming the tensor."""
     ckpt = resolve_checkpoint(ckpt)
+    if not (ckpt / "model.safetensors").is_file():
+        try:
+            _sharded().load_model_from_dcp(model, ckpt / DCP_DIR)
+        except Exception as e:  # DCP raises a zoo of types; all mean "this checkpoint does not fit"
+            raise CheckpointError(f"{ckpt}/{DCP_DIR} cannot be loaded into the model: {e}") from None
+        return
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -133,8 +234,25 @@ def load_model_weights(model: nn.Module, ckpt: str | Path) -> None:
     model.load_state_dict(weights)
 
 
-def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    """Restore model, optimizer, scheduler and RNG; return the trainer state (step, sampler position, ...)."""
+def load_training_state(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, runtime=None
+) -> dict:
+    """Restore model, optimizer, scheduler and RNG; return the trainer state (step, sampler position, ...).
+
+    Any checkpoint into any layout: a ``dcp/`` checkpoint is resharded by DCP; a single-process checkpoint is
+    read whole by every rank of a parallel job. A parallel job re-seeds its RNG every step from (seed, step, rank),
+    so it needs no RNG state; one process resuming from a ``dcp/`` checkpoint keeps its freshly seeded RNG."""
+    if is_dcp_checkpoint(ckpt):
+        try:
+            trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+            _sharded().load_sharded(ckpt / DCP_DIR, model, optimizer)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt}: training state cannot be read: {e}") from None
+        if scheduler is not None and trainer_state.get("scheduler") is not None:
+            scheduler.load_state_dict(trainer_state["scheduler"])
+        return trainer_state
+    if runtime is not None:
+        return _load_single_into_parallel(ckpt, model, optimizer, scheduler)
     load_model_weights(model, ckpt)
     try:
         state = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -146,4 +264,29 @@ def load_training_state(ckpt: Path, model: nn.Module, optimizer: torch.optim.Opt
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["torch"])
+    return trainer_state
+
+
+def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict:
+    """A single-process checkpoint resumed by a parallel job: full tensors in, each rank keeps its part."""
+    from sparselm.model.transformer import Transformer
+    from sparselm.train.optim import build_optimizer
+
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
+        cfg = load_config(ckpt / "config.toml")
+    except (OSError, RuntimeError, ValueError, SafetensorError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt}: training state cannot be read: {e}") from None
+    # optimizer.pt numbers parameters in the order build_optimizer grouped them; rebuild that order (on the meta
+    # device, no memory) to name them.
+    with torch.device("meta"):
+        plain = Transformer(cfg.model, cfg.moe)
+    names = {id(p): n for n, p in plain.named_parameters()}
+    groups = build_optimizer(plain, cfg.optim).param_groups
+    named = _sharded().named_optimizer_state(state["optimizer"], [[names[id(p)] for p in g["params"]] for g in groups])
+    _sharded().load_full(model, optimizer, weights, named)
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
     return trainer_state
