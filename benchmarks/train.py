@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -118,8 +119,9 @@ def main() -> None:
 def format_table(rows: list[dict], moe: dict, dense: dict, threads: int) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}. MFU = tokens/s x training FLOPs per token "
-        "(6N + attention, `sparselm params`) / matmul peak measured at the same dtype and thread count.",
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, 1-minute load average {os.getloadavg()[0]:.1f} "
+        "at the end (2 cores: a load above ~2 means other jobs shared the cores). MFU = tokens/s x training FLOPs "
+        "per token (6N + attention, `sparselm params`) / matmul peak measured at the same dtype and thread count.",
         "",
         "| config | precision | total params | active params | step ms | tokens/s | MFU | peak GFLOP/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
