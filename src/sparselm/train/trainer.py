@@ -240,6 +240,7 @@ def _train(
     dropped_window, assigned_window = 0, 0
     bad_streak = 0
     window_start, window_steps = time.perf_counter(), 0
+    train_seconds = 0.0  # wall time spent in training steps by this process (evaluation and checkpoints excluded)
     bar = tqdm(
         range(start_step, t.max_steps),
         initial=start_step,
@@ -251,6 +252,7 @@ def _train(
     )
     try:
         for step in bar:
+            step_start = time.perf_counter()
             if runtime is not None:
                 runtime.seed_step(step)
             x, y = sampler.next_batch()
@@ -298,6 +300,7 @@ def _train(
             result.final_step = done
             result.losses.append(loss)
             window_steps += 1
+            train_seconds += time.perf_counter() - step_start
 
             if finite and (done % log_cfg.log_every == 0 or done == t.max_steps):
                 elapsed = time.perf_counter() - window_start
@@ -312,6 +315,7 @@ def _train(
                     "tokens_per_sec": tokens_per_sec,
                     "mfu": tokens_per_sec * train_flops / (peak * world),
                     "tokens_seen": done * tokens_per_step,
+                    "train_seconds": train_seconds,
                 }
                 if num_moe:
                     totals = load_window.sum(dim=1, keepdim=True).clamp(min=1)
@@ -328,7 +332,15 @@ def _train(
             if t.eval_every and (done % t.eval_every == 0 or done == t.max_steps):
                 val = evaluate(model, cfg, val_shards)
                 result.val_losses.append((done, val))
-                logger.log({"step": done, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+                logger.log(
+                    {
+                        "step": done,
+                        "val_loss": val,
+                        "val_ppl": math.exp(min(val, 50.0)),
+                        "tokens_seen": done * tokens_per_step,
+                        "train_seconds": train_seconds,
+                    }
+                )
                 if is_main:
                     tqdm.write(f"step {done}: val loss {val:.4f}  ppl {math.exp(min(val, 50.0)):.2f}")
                 window_start = time.perf_counter()  # keep evaluation out of the tokens/s figure

@@ -1,0 +1,412 @@
+"""``sparselm experiment moe-vs-dense``: train dense S/M/L and S+MoE-E on the same tokens, evaluate, write a report.
+
+Stages, each restartable (a rerun with the same ``--out`` skips what is finished and resumes a half-trained run):
+
+1. data: raw text -> documents -> tokenizer -> shards (``OUT/data``; validation held out by document);
+2. plan: unless ``--steps`` is given, time a few steps of every model on this machine and choose the number of
+   training steps (the same for every run, so all see the same tokens) that fits ``--budget-minutes`` after
+   reserving time for evaluation; the plan is saved and reused by reruns;
+3. train every run with ``sparselm.train`` (validation loss at fixed intervals, with training FLOPs and wall time);
+4. evaluate every run's final checkpoint zero-shot with the evaluation harness;
+5. collect ``OUT/results.json`` and write the report (Markdown + PNG plots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sparselm.experiment.family import RunSpec, build_family
+
+DEFAULT_TASKS = ("lambada", "piqa", "boolq", "arc_easy", "winogrande")
+EVAL_POINTS = 16  # validation evaluations per run (the points of the loss-vs-FLOPs curves)
+QUICK_MAX_CHARS = 6_000_000  # --quick reads about 6 MB of text: enough for a few hundred steps of small models
+
+
+@dataclass
+class ExperimentOptions:
+    data: list[Path]
+    out: Path
+    report: Path | None = None  # default OUT/moe-vs-dense.md
+    budget_minutes: float = 80.0
+    quick: bool = False
+    steps: int = 0  # 0: chosen from the budget
+    experts: tuple[int, ...] = (4, 16, 64)
+    top_ks: tuple[int, ...] = (1, 2)
+    vocab_size: int = 8192
+    seq_len: int = 256
+    batch_size: int = 16
+    seed: int = 1234
+    val_fraction: float = 0.02
+    eval_batches: int = 16
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    eval_limit: int = 500
+    eval_data_dir: Path | None = None
+    moe_overrides: list[str] = field(default_factory=list)
+    threads: int = 0
+    progress: bool = True
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.budget_minutes <= 0:
+            raise ValueError(f"--budget-minutes must be positive, got {self.budget_minutes}")
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if not self.experts or any(e < 2 for e in self.experts):
+            raise ValueError(f"--experts needs numbers of experts >= 2, got {self.experts}")
+        if not self.top_ks or any(k not in (1, 2) for k in self.top_ks):
+            raise ValueError(f"--top-k takes 1 and/or 2, got {self.top_ks}")
+        if self.eval_limit < 0:
+            raise ValueError(f"--eval-limit must be >= 0, got {self.eval_limit}")
+
+
+def _log(message: str) -> None:
+    tqdm.write(f"[moe-vs-dense] {message}", file=sys.stderr)
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import os
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": memory,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+
+
+def time_steps(run: RunSpec, steps: int = 2) -> float:
+    """Seconds per optimizer step of ``run`` on random tokens (one untimed warm-up step first)."""
+    from sparselm.train.optim import build_optimizer
+    from sparselm.train.trainer import build_model, forward_backward
+
+    cfg = run.cfg
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.train.global_batch_size, cfg.data.seq_len)
+    x = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+    y = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(model, cfg, x, y, 1)
+        optimizer.step()
+        if i:
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def make_plan(runs: list[RunSpec], opts: ExperimentOptions, seconds_left: float) -> dict[str, Any]:
+    """Steps per run so that training plus evaluation fits in ``seconds_left``."""
+    step_seconds = {}
+    for run in tqdm(runs, desc="timing", unit="model", disable=not opts.progress, dynamic_ncols=True):
+        step_seconds[run.slug] = time_steps(run)
+    per_step = sum(step_seconds.values())
+    # Validation: EVAL_POINTS x eval_batches forward passes of one batch per run, a forward ~1/3 of a training step.
+    val_seconds = EVAL_POINTS * opts.eval_batches * per_step / 3
+    # Task evaluation: ~ (examples x choices) short sequences per run; measured at about 25% of the budget on the
+    # reference machine for eval_limit 500, so reserve in proportion to the limit.
+    eval_fraction = min(0.3, 0.25 * opts.eval_limit / 500) if opts.tasks else 0.0
+    train_seconds = seconds_left * (1.0 - eval_fraction) - val_seconds
+    steps = max(20, int(train_seconds / (per_step * 1.08)))  # 8% for checkpoints, logging, data
+    return {
+        "steps": steps,
+        "step_seconds": step_seconds,
+        "estimated_train_minutes": steps * per_step / 60,
+        "seconds_left_at_planning": seconds_left,
+        "eval_fraction_reserved": eval_fraction,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- training
+
+
+class StageClock:
+    """Wall time of every stage, kept in OUT/timings.json across invocations: a rerun that skips finished stages
+    does not lose their time, so the report states what the whole experiment cost."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def record(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        self.path.write_text(json.dumps(self.seconds, indent=1))
+
+    def total(self, prefix: str = "") -> float:
+        return sum(v for k, v in self.seconds.items() if k.startswith(prefix))
+
+
+def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) -> bool:
+    """Train (or finish training) one run; False if it was already trained."""
+    from sparselm.train.checkpoint import latest_checkpoint
+    from sparselm.train.trainer import train
+
+    cfg = run.cfg
+    cfg.train.max_steps = steps
+    cfg.optim.warmup_steps = max(1, steps // 20)
+    cfg.train.eval_every = max(1, steps // EVAL_POINTS)
+    cfg.train.eval_batches = opts.eval_batches
+    cfg.checkpoint.every = max(1, steps // 4)
+    cfg.logging.log_every = max(1, min(10, steps // 50))
+    cfg.logging.progress = opts.progress
+    if opts.threads:
+        cfg.train.threads = opts.threads
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and latest.name == f"step_{steps:08d}":
+        _log(f"{run.name}: already trained ({latest})")
+        return False
+    if latest is None and run_dir.exists():
+        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: its partial log would mislead
+    _log(f"{run.name}: training {steps} steps" + (f" (resuming from {latest.name})" if latest else ""))
+    train(cfg, run_dir, resume=latest is not None)
+    return True
+
+
+def evaluate_run(run_dir: Path, opts: ExperimentOptions, data_dir: Path, clock: StageClock) -> dict[str, Any]:
+    from sparselm.eval.harness import read_results, run_eval
+
+    out_dir = run_dir / "eval"
+    path = out_dir / "results_0shot.json"
+    if path.is_file():
+        meta, results = read_results(path)
+        if meta.get("limit") == opts.eval_limit and {r.task for r in results} == set(opts.tasks):
+            return _task_summary(results)
+    start = time.perf_counter()
+    results, _, _ = run_eval(
+        run_dir,
+        list(opts.tasks),
+        data_dir=data_dir,
+        limit=opts.eval_limit,
+        precision="bf16",
+        out_dir=out_dir,
+        progress=opts.progress,
+    )
+    clock.record(f"eval/{run_dir.name}", time.perf_counter() - start)
+    return _task_summary(results)
+
+
+def _task_summary(results: list) -> dict[str, Any]:
+    summary = {}
+    for r in results:
+        key = "acc" if "acc" in r.metrics else next(iter(r.metrics))
+        summary[r.task] = {"metric": key, **r.metrics[key], "n": r.n}
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------- collect
+
+
+def collect_run(run: RunSpec, run_dir: Path, steps: int) -> dict[str, Any]:
+    from sparselm.train.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    flops_per_token = run.train_flops_per_token
+    curve, train_log, loads, dropped = [], [], [], []
+    for r in records:
+        if "val_loss" in r:
+            curve.append(
+                {
+                    "step": r["step"],
+                    "tokens": r["tokens_seen"],
+                    "flops": r["tokens_seen"] * flops_per_token,
+                    "val_loss": r["val_loss"],
+                    "train_seconds": r.get("train_seconds"),
+                }
+            )
+        elif "loss" in r and not r.get("skipped"):
+            train_log.append({"step": r["step"], "loss": r["loss"], "tokens_per_sec": r.get("tokens_per_sec")})
+            if "expert_load" in r:
+                loads.append({"step": r["step"], "load": r["expert_load"]})
+                dropped.append(r.get("dropped_fraction", 0.0))
+    # A resumed run logs the steps after the checkpoint again: keep the last record of every step.
+    curve = list({p["step"]: p for p in curve}.values())
+    last_seconds = curve[-1]["train_seconds"] if curve else None
+    tokens = steps * run.cfg.train.global_batch_size * run.cfg.data.seq_len
+    return {
+        "name": run.name,
+        "slug": run.slug,
+        "kind": run.kind,
+        "num_experts": run.num_experts,
+        "top_k": run.top_k,
+        "d_model": run.cfg.model.d_model,
+        "n_layers": run.cfg.model.n_layers,
+        "lr": run.cfg.optim.lr,
+        "total_params": run.total_params,
+        "active_params": run.active_params,
+        "train_flops_per_token": flops_per_token,
+        "steps": steps,
+        "tokens": tokens,
+        "train_flops": tokens * flops_per_token,
+        "curve": curve,
+        "train_log": train_log,
+        "expert_load": loads,
+        "dropped_fraction": (sum(dropped) / len(dropped)) if dropped else None,
+        "final_val_loss": curve[-1]["val_loss"] if curve else None,
+        "final_val_ppl": math.exp(curve[-1]["val_loss"]) if curve else None,
+        "train_seconds": last_seconds,
+        "tokens_per_sec": (tokens / last_seconds) if last_seconds else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
+    from sparselm.experiment.data import prepare_dataset
+    from sparselm.experiment.report import write_report
+    from sparselm.train.metrics import measure_peak_flops
+
+    started = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = opts.report or out / "moe-vs-dense.md"
+    data_dir = None
+    if opts.tasks:
+        from sparselm.eval.tasks import load_task, resolve_data_dir
+
+        for task in opts.tasks:
+            load_task(task)  # a misspelt task fails now, not after an hour of training
+        data_dir = resolve_data_dir(opts.eval_data_dir)
+
+    clock = StageClock(out / "timings.json")
+    _log(f"data: {', '.join(map(str, opts.data))} -> {out / 'data'}")
+    stage_start = time.perf_counter()
+    shards = prepare_dataset(
+        opts.data,
+        out / "data",
+        opts.vocab_size,
+        opts.val_fraction,
+        opts.seed,
+        progress=opts.progress,
+        max_chars=QUICK_MAX_CHARS if opts.quick else 0,
+    )
+    if "data" not in clock.seconds or not (out / "data" / "shards" / "meta.json").is_file():
+        clock.record("data", time.perf_counter() - stage_start)
+    dataset = json.loads((shards / "meta.json").read_text())
+    vocab_size = int(dataset["vocab_size"])
+    runs = build_family(
+        vocab_size,
+        opts.seq_len,
+        opts.batch_size,
+        opts.experts,
+        opts.top_ks,
+        quick=opts.quick,
+        seed=opts.seed,
+        moe_overrides=opts.moe_overrides,
+    )
+    for run in runs:
+        run.cfg.data.path = str(shards)
+        run.cfg.logging.peak_flops = 1.0  # MFU is not this experiment's subject; skip the per-run peak measurement
+
+    plan_path = out / "plan.json"
+    plan_key = {
+        "runs": [r.slug for r in runs],
+        "quick": opts.quick,
+        "budget_minutes": opts.budget_minutes,
+        "steps_option": opts.steps,
+        "seq_len": opts.seq_len,
+        "batch_size": opts.batch_size,
+        "moe_overrides": opts.moe_overrides,
+    }
+    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if plan is None or plan.get("key") != plan_key:
+        if opts.steps:
+            plan = {"steps": opts.steps, "step_seconds": {}}
+        else:
+            seconds_left = opts.budget_minutes * 60 - clock.total()
+            stage_start = time.perf_counter()
+            plan = make_plan(runs, opts, seconds_left)
+            clock.record("plan", time.perf_counter() - stage_start)
+        plan["key"] = plan_key
+        plan_path.write_text(json.dumps(plan, indent=1))
+    steps = int(plan["steps"])
+    tokens = steps * opts.batch_size * opts.seq_len
+    _log(f"plan: {steps} steps x {opts.batch_size} x {opts.seq_len} = {tokens:,} training tokens per run")
+
+    for run in runs:
+        stage_start = time.perf_counter()
+        if train_run(run, steps, opts, out / "runs" / run.slug):
+            clock.record(f"train/{run.slug}", time.perf_counter() - stage_start)
+
+    collected = []
+    for run in runs:
+        record = collect_run(run, out / "runs" / run.slug, steps)
+        if data_dir is not None:
+            _log(f"{run.name}: zero-shot evaluation ({', '.join(opts.tasks)}, limit {opts.eval_limit})")
+            record["tasks"] = evaluate_run(out / "runs" / run.slug, opts, data_dir, clock)
+        collected.append(record)
+
+    peak = {
+        "bf16": measure_peak_flops(torch.bfloat16),
+        "fp32": measure_peak_flops(torch.float32),
+    }
+    results = {
+        "schema": "sparselm-moe-vs-dense/1",
+        "command": opts.command,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "matmul_peak_flops": peak,
+        "options": json.loads(json.dumps(asdict(opts), default=str)),
+        "dataset": {
+            "path": str(shards),
+            "vocab_size": vocab_size,
+            "splits": {k: {"documents": v["documents"], "tokens": v["tokens"]} for k, v in dataset["splits"].items()},
+            "extract": json.loads((out / "data" / "extract.json").read_text())
+            if (out / "data" / "extract.json").is_file()
+            else None,
+        },
+        "plan": plan,
+        "steps": steps,
+        "tokens_per_run": tokens,
+        "wall_minutes": {
+            "data": clock.total("data") / 60,
+            "plan": clock.total("plan") / 60,
+            "train": clock.total("train/") / 60,
+            "eval": clock.total("eval/") / 60,
+            "total": clock.total() / 60,
+            "this_invocation": (time.perf_counter() - started) / 60,
+        },
+        "eval_points": EVAL_POINTS,
+        "runs": collected,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    write_report(results, report_path)
+    results["report"] = str(report_path)
+    return results

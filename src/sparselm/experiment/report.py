@@ -1,0 +1,347 @@
+"""The MoE-vs-dense report: Markdown tables and PNG plots, generated from ``results.json`` only (no hand-edited
+figures). ``python -m sparselm.experiment.report OUT/results.json REPORT.md`` re-renders it."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparselm.experiment.analysis import Curve, compute_saving, flops_to_reach
+
+TASK_LABELS = {
+    "lambada": "LAMBADA",
+    "piqa": "PIQA",
+    "boolq": "BoolQ",
+    "arc_easy": "ARC-E",
+    "winogrande": "WinoGrande",
+}
+CHANCE = {"lambada": 0.0, "piqa": 0.5, "boolq": 0.5, "arc_easy": 0.25, "winogrande": 0.5}
+
+
+def _curve(run: dict[str, Any], x: str = "flops") -> Curve:
+    return [(p[x], p["val_loss"]) for p in run["curve"] if p.get(x)]
+
+
+def _human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "-"
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def _load_imbalance(load: list[float]) -> float:
+    mean = sum(load) / len(load)
+    return max(load) / mean if mean > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
+    if run["kind"] == "dense":
+        greys = {"dense-S": "#9e9e9e", "dense-M": "#616161", "dense-L": "#212121"}
+        return {"color": greys.get(run["name"], "black"), "linestyle": "-", "linewidth": 2.2, "marker": "o"}
+    palette = {4: "#1f77b4", 16: "#2ca02c", 64: "#d62728", 8: "#9467bd", 32: "#ff7f0e", 128: "#8c564b"}
+    color = palette.get(run["num_experts"], f"C{index % 10}")
+    return {
+        "color": color,
+        "linestyle": "-" if run["top_k"] == 1 else "--",
+        "linewidth": 1.5,
+        "marker": "^" if run["top_k"] == 1 else "v",
+    }
+
+
+def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, run in enumerate(results["runs"]):
+        points = _curve(run, x)
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, label=run["name"], markersize=3, **_style(run, i))
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(f"same {results['tokens_per_run']:,} training tokens per run", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
+    """Per MoE run and MoE layer: a heatmap of each expert's share of tokens x E over training (1 = balanced)."""
+    moe_runs = [r for r in results["runs"] if r["kind"] == "moe" and r["expert_load"]]
+    if not moe_runs:
+        return None
+    plt = _plt()
+    layers = max(len(r["expert_load"][0]["load"]) for r in moe_runs)
+    fig, axes = plt.subplots(len(moe_runs), layers, figsize=(4.2 * layers, 1.9 * len(moe_runs)), squeeze=False)
+    image = None
+    for row, run in enumerate(moe_runs):
+        steps = [p["step"] for p in run["expert_load"]]
+        e = run["num_experts"]
+        for layer in range(layers):
+            ax = axes[row][layer]
+            matrix = [[p["load"][layer][i] * e for p in run["expert_load"]] for i in range(e)]
+            image = ax.imshow(
+                matrix,
+                aspect="auto",
+                cmap="viridis",
+                vmin=0,
+                vmax=3,
+                extent=(steps[0], steps[-1], e - 0.5, -0.5),
+                interpolation="nearest",
+            )
+            ax.set_title(f"{run['name']}, MoE layer {layer}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if layer == 0:
+                ax.set_ylabel("expert", fontsize=7)
+            if row == len(moe_runs) - 1:
+                ax.set_xlabel("training step", fontsize=7)
+    fig.tight_layout()
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="share of tokens x E (1 = balanced)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------------- markdown
+
+
+def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    dense = {r["name"]: _curve(r) for r in results["runs"] if r["kind"] == "dense"}
+    dense_time = {r["name"]: _curve(r, "train_seconds") for r in results["runs"] if r["kind"] == "dense"}
+    lines, rows = [], []
+    lines.append(
+        "| model | final val loss | training FLOPs | dense FLOPs to reach it | compute-saving factor | FLOPs to reach "
+        "dense-M's final loss | saving vs dense-M | loss at dense-S's FLOPs (S: {s}) | time-saving factor |".format(
+            s=_fmt(dense["dense-S"][-1][1]) if dense.get("dense-S") else "-"
+        )
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for run in results["runs"]:
+        if run["kind"] != "moe" or not run["curve"]:
+            continue
+        s = compute_saving(_curve(run), dense)
+        time_curve = _curve(run, "train_seconds")
+        time_factor = None
+        time_bound = None
+        if time_curve:
+            best_time = None
+            for curve in dense_time.values():
+                t = flops_to_reach(curve, s.final_loss)  # the same crossing, on the time axis
+                if t is not None and (best_time is None or t < best_time):
+                    best_time = t
+            if best_time is not None:
+                time_factor = best_time / time_curve[-1][0]
+            else:
+                most = max((c[-1][0] for c in dense_time.values() if c), default=0.0)
+                time_bound = most / time_curve[-1][0] if time_curve[-1][0] else None
+        factor = f"**{s.factor:.2f}x** ({s.dense_run})" if s.factor is not None else f"> {s.factor_lower_bound:.1f}x"
+        time_cell = (
+            f"{time_factor:.2f}x" if time_factor is not None else (f"> {time_bound:.1f}x" if time_bound else "-")
+        )
+        lines.append(
+            f"| {run['name']} | {s.final_loss:.3f} | {_human(s.final_flops)} | {_human(s.dense_flops)} | {factor} | "
+            f"{_human(s.flops_to_m_final) if s.flops_to_m_final else 'not reached'} | "
+            f"{_fmt(s.factor_vs_m, '.2f') + 'x' if s.factor_vs_m else '-'} | {_fmt(s.loss_at_s_flops)} | {time_cell} |"
+        )
+        rows.append({"run": run, "saving": s, "time_factor": time_factor})
+    return lines, rows
+
+
+def _verdict(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["No MoE run finished."]
+    best = min(rows, key=lambda r: r["saving"].final_loss)
+    s = best["saving"]
+    lines = [f"Best MoE run by final validation loss: **{best['run']['name']}** ({s.final_loss:.3f})."]
+    if s.factor_vs_m is not None:
+        met = "met" if s.factor_vs_m >= 2 else "not met"
+        lines.append(
+            f"- It reaches dense-M's final loss after {_human(s.flops_to_m_final)} training FLOPs: "
+            f"{s.factor_vs_m:.2f}x fewer than dense-M used (target >= 2x: **{met}**)."
+        )
+    else:
+        lines.append("- It does not reach dense-M's final loss within its run (target >= 2x saving vs M: **not met**).")
+    if s.loss_at_s_flops is not None and s.s_final_loss is not None:
+        beats = s.loss_at_s_flops < s.s_final_loss
+        lines.append(
+            f"- At dense-S's training FLOPs its loss is {s.loss_at_s_flops:.3f} against dense-S's {s.s_final_loss:.3f} "
+            f"(beats dense-S at equal FLOPs: **{'yes' if beats else 'no'}**)."
+        )
+    return lines
+
+
+def _task_table(results: dict[str, Any]) -> list[str]:
+    tasks = list(results["options"].get("tasks") or [])
+    header = "| model | total params | active params | train FLOPs/token | val loss | val ppl | "
+    header += "".join(f"{TASK_LABELS.get(t, t)} | " for t in tasks) + "tokens/s |"
+    lines = [header, "|---|" + "---:|" * (5 + len(tasks) + 1)]
+    for run in results["runs"]:
+        cells = [
+            run["name"],
+            _human(run["total_params"]),
+            _human(run["active_params"]),
+            _human(run["train_flops_per_token"]),
+            _fmt(run["final_val_loss"]),
+            _fmt(run["final_val_ppl"], ".1f"),
+        ]
+        for t in tasks:
+            m = (run.get("tasks") or {}).get(t)
+            if m is None or m.get("value") is None:
+                cells.append("-")
+            else:
+                err = f" ± {m['stderr'] * 100:.1f}" if m.get("stderr") is not None else ""
+                cells.append(f"{m['value'] * 100:.1f}{err}")
+        cells.append(_fmt(run["tokens_per_sec"], ",.0f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _load_table(results: dict[str, Any]) -> list[str]:
+    lines = [
+        "| model | max/mean load, first logging window (per MoE layer) | max/mean load, last window | "
+        "mean dropped-token fraction |",
+        "|---|---|---|---:|",
+    ]
+    for run in results["runs"]:
+        if run["kind"] != "moe" or not run["expert_load"]:
+            continue
+        first = ", ".join(f"{_load_imbalance(x):.2f}" for x in run["expert_load"][0]["load"])
+        last = ", ".join(f"{_load_imbalance(x):.2f}" for x in run["expert_load"][-1]["load"])
+        lines.append(f"| {run['name']} | {first} | {last} | {_fmt(run['dropped_fraction'], '.4f')} |")
+    return lines
+
+
+def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], report: Path) -> str:
+    m, d, o = results["machine"], results["dataset"], results["options"]
+
+    def rel(p: Path | None) -> str:
+        return p.relative_to(report.parent).as_posix() if p is not None else ""
+
+    splits = d["splits"]
+    lines = [
+        "# MoE vs dense at laptop scale",
+        "",
+        "Generated by `sparselm experiment moe-vs-dense` from `results.json`; every figure below comes from that run.",
+        "",
+        f"- **Command**: `{results['command']}`",
+        f"- **Date**: {results['created']} (UTC)",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, torch {m['torch']} on CPU, "
+        f"{m['torch_threads']} threads; matmul peak measured {results['matmul_peak_flops']['bf16'] / 1e9:.0f} "
+        f"GFLOP/s bf16, {results['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32",
+        f"- **Data**: {', '.join(o['data'])}: {d['extract']['documents'] if d.get('extract') else '?'} documents; "
+        f"SentencePiece BPE vocabulary {d['vocab_size']:,}; train {splits['train']['tokens']:,} tokens "
+        f"({splits['train']['documents']} documents), validation {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['documents']} documents, held out by document)",
+        f"- **Training**: every run sees the same {results['tokens_per_run']:,} tokens ({results['steps']} steps of "
+        f"{o['batch_size']} x {o['seq_len']}), AdamW, warmup then cosine to 10%, bf16 autocast; validation loss "
+        f"on the first {o['eval_batches']} validation batches ({o['eval_batches'] * o['batch_size'] * o['seq_len']:,} "
+        f"tokens) at {results.get('eval_points', 16)} points per run",
+        "- **Wall time**: {total:.1f} min in all: data {data:.1f}, timing/plan {plan:.1f}, training {train:.1f}, "
+        "zero-shot evaluation {eval:.1f} (summed over invocations when a rerun resumed the experiment)".format(
+            **results["wall_minutes"]
+        ),
+        "",
+        "## Validation loss against training compute",
+        "",
+        f"![validation loss vs training FLOPs]({rel(plots['flops'])})",
+        "",
+        "Training FLOPs = tokens x (6 x active matmul parameters + attention + router), from `sparselm params`.",
+        "",
+        "## Models and zero-shot results",
+        "",
+        "In the form of DeepSpeed-MoE's Table 1. Task accuracy (%) ± standard error on the first "
+        f"{o['eval_limit']} examples of each task, zero-shot, scored by the evaluation harness; at this scale "
+        "accuracy is expected near chance (LAMBADA 0, PIQA/BoolQ/WinoGrande 50, ARC-E 25; BoolQ's majority class "
+        "is 62). tokens/s = training tokens / wall time spent in training steps on this machine.",
+        "",
+        *_task_table(results),
+        "",
+        "## Compute-saving factor",
+        "",
+        "For each MoE run: the training FLOPs the dense family needs to reach the MoE run's final validation loss "
+        "(the first crossing on any dense curve, interpolated in log-FLOPs), divided by the MoE run's FLOPs. "
+        "'> x' means no dense run got that low, so the factor is at least the largest dense budget over the MoE "
+        "budget. The time-saving factor is the same ratio on the wall-clock axis. Caveat: intermediate points of a "
+        "dense run are taken before its learning rate has decayed, which flatters the MoE runs a little "
+        "(a dense run trained to that budget would end lower).",
+        "",
+    ]
+    saving_lines, rows = _saving_rows(results)
+    lines += saving_lines + ["", *_verdict(rows), ""]
+    lines += [
+        "## Wall-clock time",
+        "",
+        f"![validation loss vs training time]({rel(plots['time'])})",
+        "",
+        "## Expert load",
+        "",
+        "Max/mean share of routed tokens (1.00 = perfectly balanced) in the first and last logging windows. "
+        "Runs are dropless unless the MoE recipe sets `moe.dropless=false`, so the dropped fraction is 0 there.",
+        "",
+        *_load_table(results),
+        "",
+    ]
+    if plots.get("load"):
+        lines += [f"![expert load over training]({rel(plots['load'])})", ""]
+    if o.get("moe_overrides"):
+        lines += [f"MoE recipe overrides: `{' '.join(o['moe_overrides'])}`", ""]
+    plan = results["plan"]
+    if plan.get("step_seconds"):
+        lines += [
+            "## Plan",
+            "",
+            f"Seconds per training step measured before training (random tokens), which set {results['steps']} "
+            f"steps for a {o['budget_minutes']:.0f}-minute budget:",
+            "",
+            "| run | s/step |",
+            "|---|---:|",
+            *[f"| {k} | {v:.3f} |" for k, v in plan["step_seconds"].items()],
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], report: Path) -> Path:
+    report = Path(report)
+    asset_dir = report.parent / report.stem
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    plots = {
+        "flops": plot_curves(results, asset_dir / "loss-vs-flops.png", "flops", "training FLOPs"),
+        "time": plot_curves(results, asset_dir / "loss-vs-time.png", "train_seconds", "training wall time (s)"),
+        "load": plot_expert_load(results, asset_dir / "expert-load.png"),
+    }
+    report.write_text(render_markdown(results, plots, report) + "\n", encoding="utf-8")
+    return report
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m sparselm.experiment.report OUT/results.json REPORT.md")
+    print(write_report(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])))

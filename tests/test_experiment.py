@@ -1,0 +1,136 @@
+"""The MoE-vs-dense experiment: compute-saving arithmetic by hand, the model family's FLOP matching, and the whole
+command end to end at the smallest settings (3 steps per run), including a rerun that reuses finished work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sparselm.experiment.analysis import compute_saving, family_flops_to_reach, flops_to_reach, loss_at_flops
+from sparselm.experiment.family import build_family
+from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_flops_to_reach_interpolates_in_log_flops() -> None:
+    curve = [(1e9, 6.0), (1e10, 5.0), (1e11, 4.0)]
+    assert flops_to_reach(curve, 6.5) == 1e9  # already below at the first point
+    assert flops_to_reach(curve, 5.0) == pytest.approx(1e10)
+    assert flops_to_reach(curve, 4.5) == pytest.approx(10**10.5)  # halfway in loss = halfway in log-FLOPs
+    assert flops_to_reach(curve, 3.9) is None
+
+
+def test_loss_at_flops() -> None:
+    curve = [(1e9, 6.0), (1e11, 4.0)]
+    assert loss_at_flops(curve, 1e10) == pytest.approx(5.0)
+    assert loss_at_flops(curve, 1e8) is None
+    assert loss_at_flops(curve, 1e12) is None
+
+
+def test_family_takes_the_cheapest_dense_run() -> None:
+    curves = {"small": [(1.0, 5.0), (10.0, 4.0)], "big": [(4.0, 4.5), (40.0, 3.0)]}
+    flops, name = family_flops_to_reach(curves, 4.5)
+    assert name == "small" and flops == pytest.approx(math.sqrt(10.0))  # 3.16 beats big's 4.0
+    flops, name = family_flops_to_reach(curves, 3.5)
+    assert name == "big" and flops == pytest.approx(4.0 * 10 ** (2 / 3))  # small never gets there
+    assert family_flops_to_reach(curves, 2.0) == (None, None)
+
+
+def test_compute_saving_against_a_constructed_family() -> None:
+    # Dense S ends at loss 5 after 1e10 FLOPs; M (4x FLOPs per token) passes 4.5 at 2e10 and ends at 4.0 after 4e10.
+    dense = {
+        "dense-S": [(1e9, 6.0), (1e10, 5.0)],
+        "dense-M": [(4e9, 6.0), (2e10, 4.5), (4e10, 4.0)],
+    }
+    moe = [(1e9, 5.8), (5e9, 4.8), (1e10, 4.5)]
+    s = compute_saving(moe, dense)
+    assert s.dense_flops == pytest.approx(2e10) and s.dense_run == "dense-M"
+    assert s.factor == pytest.approx(2.0)
+    assert s.flops_to_m_final is None and s.factor_vs_m is None  # never reaches M's final 4.0
+    assert s.loss_at_s_flops == pytest.approx(4.5) and s.s_final_loss == 5.0
+    better = compute_saving([(1e9, 5.0), (1e10, 3.9)], dense)
+    assert better.factor is None and better.factor_lower_bound == pytest.approx(4.0)
+    # 4.0 is reached at 10**(9 + 1/1.1) FLOPs on the log-FLOPs segment from (1e9, 5.0) to (1e10, 3.9).
+    assert better.flops_to_m_final == pytest.approx(10 ** (9 + 1.0 / 1.1))
+    assert better.factor_vs_m == pytest.approx(4e10 / 10 ** (9 + 1.0 / 1.1))
+
+
+def test_family_matches_flops_and_grows_dense_sizes() -> None:
+    runs = {r.name: r for r in build_family(8192)}
+    s = runs["dense-S"].train_flops_per_token
+    assert 3.0 <= runs["dense-M"].train_flops_per_token / s <= 5.0  # "about 4x"
+    assert 12.0 <= runs["dense-L"].train_flops_per_token / s <= 20.0  # "about 16x"
+    for e in (4, 16, 64):
+        for k in (1, 2):
+            moe = runs[f"S+MoE-{e} top-{k}"]
+            # Same FLOPs per token as S up to the router (2 x E x d_model per MoE layer, x3 for training).
+            router = 3 * 2 * e * moe.cfg.model.d_model * 2
+            assert moe.train_flops_per_token - s == router
+            assert moe.total_params > runs["dense-S"].total_params
+            assert moe.cfg.moe.moe_every == 2
+
+
+@pytest.mark.skipif(not (SHARED / "piqa").is_dir(), reason="needs ../shared/data for the zero-shot tasks")
+def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> None:
+    opts = ExperimentOptions(
+        data=[tiny_corpus],
+        out=tmp_path / "exp",
+        quick=True,
+        steps=3,
+        experts=(4,),
+        top_ks=(1, 2),
+        vocab_size=512,
+        seq_len=32,
+        batch_size=4,
+        val_fraction=0.1,
+        eval_batches=1,
+        tasks=("piqa", "lambada"),
+        eval_limit=2,
+        eval_data_dir=SHARED,
+        progress=False,
+        command="test",
+    )
+    results = run_experiment(opts)
+    names = [r["name"] for r in results["runs"]]
+    assert names == ["dense-S", "dense-M", "dense-L", "S+MoE-4 top-1", "S+MoE-4 top-2"]
+    for run in results["runs"]:
+        assert [p["step"] for p in run["curve"]] == [1, 2, 3]
+        assert run["tokens"] == 3 * 4 * 32
+        assert run["curve"][-1]["flops"] == run["tokens"] * run["train_flops_per_token"]
+        assert run["train_seconds"] > 0 and run["tokens_per_sec"] > 0
+        assert (
+            set(run["tasks"]) == {"piqa", "lambada"} and 1 <= run["tasks"]["piqa"]["n"] <= 2
+        )  # an option may not fit 32 tokens
+        if run["kind"] == "moe":
+            assert len(run["expert_load"][-1]["load"]) == 1  # 2 layers in quick S: one MoE layer
+            assert sum(run["expert_load"][-1]["load"][0]) == pytest.approx(1.0)
+    report = Path(results["report"])
+    text = report.read_text()
+    for heading in ("Validation loss against training compute", "Compute-saving factor", "Expert load"):
+        assert heading in text
+    assert "S+MoE-4 top-2" in text and "PIQA" in text
+    for png in ("loss-vs-flops.png", "loss-vs-time.png", "expert-load.png"):
+        assert (report.parent / report.stem / png).stat().st_size > 1000
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert saved["steps"] == 3 and len(saved["runs"]) == 5
+
+    # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same.
+    metrics = tmp_path / "exp" / "runs" / "dense-l" / "metrics.jsonl"
+    before = metrics.read_text()
+    again = run_experiment(opts)
+    assert metrics.read_text() == before
+    assert [r["final_val_loss"] for r in again["runs"]] == [r["final_val_loss"] for r in results["runs"]]
+
+
+def test_experiment_rejects_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--top-k"):
+        ExperimentOptions(data=[tmp_path], out=tmp_path / "x", top_ks=(3,))
+    with pytest.raises(ValueError, match="--budget-minutes"):
+        ExperimentOptions(data=[tmp_path], out=tmp_path / "x", budget_minutes=0)
+    opts = ExperimentOptions(data=[tmp_path / "missing"], out=tmp_path / "x", tasks=(), progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_experiment(opts)
