@@ -113,17 +113,32 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     for heading in ("Validation loss against training compute", "Compute-saving factor", "Expert load"):
         assert heading in text
     assert "S+MoE-4 top-2" in text and "PIQA" in text
+    assert "What limits the MoE runs here" in text and "Capacity headroom" in text and "Data per expert" in text
     for png in ("loss-vs-flops.png", "loss-vs-time.png", "expert-load.png"):
         assert (report.parent / report.stem / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert saved["steps"] == 3 and len(saved["runs"]) == 5
 
-    # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same.
+    # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same; a recipe
+    # variant added by the rerun is the only thing trained, for the family's steps, and gets its own table.
     metrics = tmp_path / "exp" / "runs" / "dense-l" / "metrics.jsonl"
     before = metrics.read_text()
+    opts.variants = ["s-moe4-top1:moe.aux_loss_coef=0.1"]
     again = run_experiment(opts)
     assert metrics.read_text() == before
-    assert [r["final_val_loss"] for r in again["runs"]] == [r["final_val_loss"] for r in results["runs"]]
+    assert [r["final_val_loss"] for r in again["runs"][:5]] == [r["final_val_loss"] for r in results["runs"]]
+    variant = again["runs"][5]
+    assert variant["variant_of"] == "s-moe4-top1" and variant["overrides"] == ["moe.aux_loss_coef=0.1"]
+    assert variant["steps"] == 3 and [p["step"] for p in variant["curve"]] == [1, 2, 3]
+    assert "Recipe variants" in report.read_text() and "moe.aux_loss_coef=0.1" in report.read_text()
+    wall = again["wall_minutes"]
+    assert wall["variants"] > 0 and wall["family_total"] + wall["variants"] == pytest.approx(wall["total"])
+    opts.command = "test --variant"
+    assert run_experiment(opts)["commands"] == ["test", "test --variant"]
+    assert "**Then**: `test --variant`" in report.read_text()
+    with pytest.raises(ValueError, match="unknown base run"):
+        opts.variants = ["s-moe99-top1:moe.aux_loss_coef=0.1"]
+        run_experiment(opts)
 
 
 def test_experiment_rejects_bad_options(tmp_path: Path) -> None:

@@ -191,21 +191,22 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         data=data,
         out=Path(args.out),
         report=Path(args.report) if args.report else None,
-        budget_minutes=args.budget_minutes if args.budget_minutes else (8.0 if args.quick else 80.0),
+        budget_minutes=args.budget_minutes if args.budget_minutes else (8.0 if args.quick else 70.0),
         quick=args.quick,
         steps=args.steps,
         experts=args.experts,
         top_ks=args.top_k,
-        vocab_size=args.vocab_size if args.vocab_size else (4096 if args.quick else 8192),
+        vocab_size=args.vocab_size if args.vocab_size else 2048,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=args.seed,
         val_fraction=args.val_fraction,
-        eval_batches=args.eval_batches if args.eval_batches else (4 if args.quick else 16),
+        eval_batches=args.eval_batches if args.eval_batches else (4 if args.quick else 8),
         tasks=tuple(t for t in args.tasks.split(",") if t.strip()),
         eval_limit=args.eval_limit if args.eval_limit is not None else (100 if args.quick else 500),
         eval_data_dir=Path(args.eval_data_dir) if args.eval_data_dir else None,
         moe_overrides=args.moe_set,
+        variants=args.variant,
         threads=args.threads,
         command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -304,18 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/moe-vs-dense", help="experiment directory (data, runs, results.json)")
     p.add_argument("--report", help="report path (default OUT/moe-vs-dense.md; plots go to a folder beside it)")
     p.add_argument(
-        "--budget-minutes", type=float, default=0, help="wall-time budget in minutes (default 80, --quick 8)"
+        "--budget-minutes", type=float, default=0, help="wall-time budget in minutes (default 70, --quick 8)"
     )
     p.add_argument("--quick", action="store_true", help="smaller models and budget: checks the whole pipeline")
     p.add_argument("--steps", type=int, default=0, help="training steps per run (default: chosen from the budget)")
     p.add_argument("--experts", type=_int_list, default=(4, 16, 64), help="numbers of experts (default 4,16,64)")
     p.add_argument("--top-k", type=_int_list, default=(1, 2), help="1 and/or 2 (default 1,2)")
-    p.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary (default 8192, --quick 4096)")
+    p.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary (default 2048)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
-    p.add_argument("--eval-batches", type=int, default=0, help="validation batches per point (default 16)")
+    p.add_argument("--eval-batches", type=int, default=0, help="validation batches per point (default 8)")
     p.add_argument("--tasks", default="lambada,piqa,boolq,arc_easy,winogrande", help="zero-shot tasks ('' = none)")
     p.add_argument("--eval-limit", type=int, default=None, help="examples per task (default 500, --quick 100)")
     p.add_argument("--eval-data-dir", help="evaluation data (default $SPARSELM_EVAL_DATA or ../shared/data)")
@@ -325,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SECTION.KEY=VALUE",
         help="change the MoE recipe of every MoE run, e.g. --moe-set moe.aux_loss_coef=0.1",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="BASE:SECTION.KEY=VALUE[,...]",
+        help="also train a copy of run BASE (e.g. s-moe64-top1) with changed settings, same tokens and steps "
+        "(repeatable; rerun an existing --out to add variants to a finished experiment)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.set_defaults(func=cmd_experiment)

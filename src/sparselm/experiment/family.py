@@ -9,7 +9,7 @@ width and top-2 experts half of it, so every MoE model spends S's matmul FLOPs p
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sparselm.config import Config, validate
 from sparselm.params import count_params, flops_per_token
@@ -36,6 +36,8 @@ class RunSpec:
     cfg: Config
     num_experts: int = 0
     top_k: int = 0
+    variant_of: str | None = None  # slug of the run this one changes (a recipe variant)
+    overrides: list[str] = field(default_factory=list)
 
     @property
     def train_flops_per_token(self) -> int:
@@ -115,3 +117,35 @@ def build_family(
     for run in runs:
         validate(run.cfg)
     return runs
+
+
+def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
+    """``BASE_SLUG:section.key=value[,section.key=value...]`` -> a copy of run BASE_SLUG with the overrides.
+
+    A variant trains on the same tokens for the same number of steps as the family, so its curve and final loss
+    compare directly with its base run's: how a recipe change (balancing loss, z-loss, learning rate, capacity)
+    moves an MoE model against the dense family.
+    """
+    from sparselm.config import ConfigError, apply_overrides
+
+    base_slug, sep, rest = text.partition(":")
+    overrides = [item.strip() for item in rest.split(",") if item.strip()]
+    if not sep or not overrides:
+        raise ConfigError(f"--variant {text!r}: expected BASE:section.key=value[,section.key=value...]")
+    by_slug = {r.slug: r for r in runs}
+    if base_slug not in by_slug:
+        raise ConfigError(f"--variant {text!r}: unknown base run {base_slug!r} (runs: {', '.join(by_slug)})")
+    base = by_slug[base_slug]
+    cfg = apply_overrides(copy.deepcopy(base.cfg), overrides)
+    validate(cfg)
+    suffix = "-".join(o.split(".", 1)[-1].replace("=", "").replace("_", "") for o in overrides)
+    return RunSpec(
+        name=f"{base.name} [{', '.join(overrides)}]",
+        slug=f"{base.slug}--{suffix}"[:120],
+        kind=base.kind,
+        cfg=cfg,
+        num_experts=cfg.moe.num_experts,
+        top_k=cfg.moe.top_k,
+        variant_of=base.slug,
+        overrides=overrides,
+    )

@@ -63,7 +63,7 @@ def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
     color = palette.get(run["num_experts"], f"C{index % 10}")
     return {
         "color": color,
-        "linestyle": "-" if run["top_k"] == 1 else "--",
+        "linestyle": ":" if run.get("variant_of") else ("-" if run["top_k"] == 1 else "--"),
         "linewidth": 1.5,
         "marker": "^" if run["top_k"] == 1 else "v",
     }
@@ -133,8 +133,9 @@ def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    dense = {r["name"]: _curve(r) for r in results["runs"] if r["kind"] == "dense"}
-    dense_time = {r["name"]: _curve(r, "train_seconds") for r in results["runs"] if r["kind"] == "dense"}
+    family = [r for r in results["runs"] if r["kind"] == "dense" and not r.get("variant_of")]
+    dense = {r["name"]: _curve(r) for r in family}
+    dense_time = {r["name"]: _curve(r, "train_seconds") for r in family}
     lines, rows = [], []
     lines.append(
         "| model | final val loss | training FLOPs | dense FLOPs to reach it | compute-saving factor | FLOPs to reach "
@@ -238,6 +239,105 @@ def _load_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _variant_table(results: dict[str, Any]) -> list[str]:
+    runs = {r["slug"]: r for r in results["runs"]}
+    variants = [r for r in results["runs"] if r.get("variant_of")]
+    if not variants:
+        return []
+    dense = {r["name"]: _curve(r) for r in results["runs"] if r["kind"] == "dense" and not r.get("variant_of")}
+    lines = [
+        "## Recipe variants",
+        "",
+        "Copies of a family run with one change, trained on the same tokens for the same steps (`--variant`). "
+        "Negative change = lower validation loss than the base run.",
+        "",
+        "| variant of | change | final val loss | base final loss | change in loss | compute-saving factor | "
+        "max/mean load, last window |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for run in variants:
+        base = runs.get(run["variant_of"])
+        if not run["curve"] or base is None or not base["curve"]:
+            continue
+        s = compute_saving(_curve(run), dense)
+        factor = f"{s.factor:.2f}x" if s.factor is not None else f"> {s.factor_lower_bound:.1f}x"
+        load = (
+            ", ".join(f"{_load_imbalance(x):.2f}" for x in run["expert_load"][-1]["load"])
+            if run["expert_load"]
+            else "-"
+        )
+        delta = run["final_val_loss"] - base["final_val_loss"]
+        lines.append(
+            f"| {base['name']} | `{' '.join(run['overrides'])}` | {run['final_val_loss']:.3f} | "
+            f"{base['final_val_loss']:.3f} | {delta:+.3f} | {factor} | {load} |"
+        )
+    return lines + [""]
+
+
+def _command_lines(results: dict[str, Any]) -> list[str]:
+    commands = results.get("commands") or [results["command"]]
+    lines = [f"- **Command**: `{commands[0]}`"]
+    lines += [f"- **Then**: `{c}`" for c in commands[1:]]
+    return lines
+
+
+def _wall_time_line(w: dict[str, float]) -> str:
+    line = (
+        f"- **Wall time**: {w['total']:.1f} min in all: data {w['data']:.1f}, timing/plan {w['plan']:.1f}, "
+        f"training {w['train']:.1f}, zero-shot evaluation {w['eval']:.1f} (summed over invocations)"
+    )
+    if w.get("variants"):
+        line += (
+            f"; the family alone (the default command) {w['family_total']:.1f} min, "
+            f"the recipe variants {w['variants']:.1f} min"
+        )
+    return line
+
+
+def _diagnosis(results: dict[str, Any]) -> list[str]:
+    """What the runs' own statistics say about why MoE does or does not pay off at this scale."""
+    runs = [r for r in results["runs"] if not r.get("variant_of")]
+    dense = {r["name"]: r for r in runs if r["kind"] == "dense" and r["final_val_loss"] is not None}
+    s, m, big = dense.get("dense-S"), dense.get("dense-M"), dense.get("dense-L")
+    if s is None:
+        return []
+    lines = ["## What limits the MoE runs here", "", "Read from this run's own numbers:", ""]
+    for other in (m, big):
+        if other is not None:
+            ratio = other["train_flops_per_token"] / s["train_flops_per_token"]
+            lines.append(
+                f"- **Capacity headroom**: {other['name']} spends {ratio:.1f}x dense-S's FLOPs per token and ends "
+                f"{s['final_val_loss'] - other['final_val_loss']:.3f} nats below it."
+            )
+    curve = s["curve"]
+    if len(curve) >= 4:
+        q = curve[-(len(curve) // 4 + 1)]
+        lines.append(
+            f"- **Still learning**: dense-S's validation loss fell {q['val_loss'] - curve[-1]['val_loss']:.3f} nats "
+            f"in its last quarter ({q['tokens']:,} -> {curve[-1]['tokens']:,} tokens): the runs end far from "
+            "convergence, where more tokens, not more parameters, lower the loss most."
+        )
+    n_moe = s["n_layers"] // max(1, s.get("moe_every") or 2)
+    if s.get("d_ff") and s.get("vocab_size"):
+        ffn = 6 * 3 * s["d_model"] * s["d_ff"] * n_moe  # SwiGLU: three d x d_ff matrices per FFN, 6 FLOPs/param
+        head = 6 * s["d_model"] * s["vocab_size"]
+        lines.append(
+            f"- **Where the compute goes**: in dense-S the {n_moe} FFNs that the MoE runs replace take "
+            f"{ffn / s['train_flops_per_token']:.0%} of the training FLOPs per token and the output layer "
+            f"(vocabulary {s['vocab_size']:,}) {head / s['train_flops_per_token']:.0%}; the experts can only improve "
+            "that part of the model."
+        )
+    tokens = results["tokens_per_run"]
+    moe = [r for r in runs if r["kind"] == "moe"]
+    if moe:
+        per_expert = ", ".join(
+            f"E={r['num_experts']} top-{r['top_k']}: {tokens * r['top_k'] // r['num_experts']:,}"
+            for r in sorted(moe, key=lambda r: (r["top_k"], r["num_experts"]))
+        )
+        lines.append(f"- **Data per expert**: tokens each expert of one MoE layer sees over the run ({per_expert}).")
+    return lines + [""]
+
+
 def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], report: Path) -> str:
     m, d, o = results["machine"], results["dataset"], results["options"]
 
@@ -250,7 +350,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
         "",
         "Generated by `sparselm experiment moe-vs-dense` from `results.json`; every figure below comes from that run.",
         "",
-        f"- **Command**: `{results['command']}`",
+        *_command_lines(results),
         f"- **Date**: {results['created']} (UTC)",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, torch {m['torch']} on CPU, "
         f"{m['torch_threads']} threads; matmul peak measured {results['matmul_peak_flops']['bf16'] / 1e9:.0f} "
@@ -263,10 +363,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
         f"{o['batch_size']} x {o['seq_len']}), AdamW, warmup then cosine to 10%, bf16 autocast; validation loss "
         f"on the first {o['eval_batches']} validation batches ({o['eval_batches'] * o['batch_size'] * o['seq_len']:,} "
         f"tokens) at {results.get('eval_points', 16)} points per run",
-        "- **Wall time**: {total:.1f} min in all: data {data:.1f}, timing/plan {plan:.1f}, training {train:.1f}, "
-        "zero-shot evaluation {eval:.1f} (summed over invocations when a rerun resumed the experiment)".format(
-            **results["wall_minutes"]
-        ),
+        _wall_time_line(results["wall_minutes"]),
         "",
         "## Validation loss against training compute",
         "",
@@ -310,6 +407,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
     ]
     if plots.get("load"):
         lines += [f"![expert load over training]({rel(plots['load'])})", ""]
+    lines += _diagnosis(results)
+    lines += _variant_table(results)
     if o.get("moe_overrides"):
         lines += [f"MoE recipe overrides: `{' '.join(o['moe_overrides'])}`", ""]
     plan = results["plan"]
