@@ -42,6 +42,8 @@ def test_toml_round_trip(tmp_path: Path) -> None:
         (["moe.num_experts=2", "moe.top_k=3"], "moe.top_k=3 is larger than moe.num_experts=2"),
         (["moe.num_experts=4", "moe.dropless=false", "moe.capacity_factor=0"], "moe.capacity_factor"),
         (["moe.num_experts=4", "moe.dropless=false", "moe.capacity_factor=-1"], "moe.capacity_factor"),
+        (["moe.num_experts=4", "moe.expert_init_scale=0"], "moe.expert_init_scale"),
+        (["optim.expert_lr_scale=-1"], "optim.expert_lr_scale"),
         (["model.position=alibi"], "model.position"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
         (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len"),

@@ -14,7 +14,7 @@ from sparselm.errors import CheckpointError, TrainingStopped
 from sparselm.inference import load_checkpoint
 from sparselm.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from sparselm.train.metrics import read_metrics
-from sparselm.train.optim import lr_multiplier
+from sparselm.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.trainer import build_model, train
 
 
@@ -172,6 +172,34 @@ def test_learning_rate_schedule() -> None:
     assert lr_multiplier(60, o, 110) == pytest.approx(0.55)  # half-way down the cosine
     assert lr_multiplier(110, o, 110) == pytest.approx(0.1)
     assert lr_multiplier(500, o, 110) == pytest.approx(0.1)  # stays at 10% of the peak (Gopher)
+
+
+def test_expert_learning_rate_and_init_scale(cfg: Config) -> None:
+    """optim.expert_lr_scale gives the 3-D expert weights their own learning rate through the whole schedule;
+    moe.expert_init_scale shrinks their initial weights and nothing else."""
+    cfg = apply_overrides(cfg, ["moe.num_experts=4", "optim.lr=0.01", "optim.warmup_steps=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert len(build_optimizer(model, cfg.optim).param_groups) == 2  # scale 1: no separate group
+    cfg.optim.expert_lr_scale = 3.0
+    optimizer = build_optimizer(model, cfg.optim)
+    expert_group = optimizer.param_groups[2]
+    expert_weights = {id(p) for n, p in model.named_parameters() if ".experts.w_" in n}
+    assert len(expert_weights) == 3 * (cfg.model.n_layers // 2)  # up, gate, down in every other layer
+    assert {id(p) for p in expert_group["params"]} == expert_weights
+    scheduler = build_scheduler(optimizer, cfg.optim, 10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+        assert expert_group["lr"] == pytest.approx(3.0 * optimizer.param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    small = build_model(apply_overrides(cfg, ["moe.expert_init_scale=0.1"]))
+    for (name, a), (_, b) in zip(model.named_parameters(), small.named_parameters(), strict=True):
+        if ".experts." in name:
+            assert b.std().item() == pytest.approx(0.1 * a.std().item(), rel=0.05)
+        else:
+            assert torch.equal(a, b), name
 
 
 def test_gradient_accumulation_matches_one_big_batch(cfg: Config, tmp_path: Path) -> None:

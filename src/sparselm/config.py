@@ -55,6 +55,9 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # router z-loss coefficient (ST-MoE)
     shared_expert: bool = False  # Residual-MoE: a dense FFN in parallel with the routed experts
     router_init_std: float = 0.02
+    expert_init_scale: float = (
+        1.0  # expert weights start at this multiple of the dense init (Switch: smaller is stabler)
+    )
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +81,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    expert_lr_scale: float = 1.0  # learning-rate multiplier for routed expert weights, which see a fraction of tokens
 
 
 @dataclass
@@ -282,6 +286,7 @@ def validate(cfg: Config, require_data: bool = False) -> None:
             _check(e.eval_capacity_factor > 0, f"moe.eval_capacity_factor must be > 0, got {e.eval_capacity_factor}")
         _check(e.jitter >= 0, f"moe.jitter must be >= 0, got {e.jitter}")
         _check(e.aux_loss_coef >= 0, f"moe.aux_loss_coef must be >= 0, got {e.aux_loss_coef}")
+        _check(e.expert_init_scale > 0, f"moe.expert_init_scale must be positive, got {e.expert_init_scale}")
         _check(e.z_loss_coef >= 0, f"moe.z_loss_coef must be >= 0, got {e.z_loss_coef}")
 
     _check(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
@@ -301,6 +306,7 @@ def validate(cfg: Config, require_data: bool = False) -> None:
     _check(0.0 <= o.beta2 < 1.0, f"optim.beta2 must be in [0, 1), got {o.beta2}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _check(o.expert_lr_scale > 0, f"optim.expert_lr_scale must be positive, got {o.expert_lr_scale}")
 
     _check(t.max_steps > 0, f"train.max_steps must be positive, got {t.max_steps}")
     _check(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")

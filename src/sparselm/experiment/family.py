@@ -1,6 +1,6 @@
 """The models of the MoE-vs-dense experiment: a dense family S, M (~4x S's FLOPs), L (~16x), and S+MoE-E variants.
 
-Dense sizes follow one recipe: width and depth grow together (d_model doubles, layers x1.5 then x1.33), SwiGLU with
+Dense sizes follow one recipe: width and depth grow together (d_model doubles, one more layer), SwiGLU with
 d_ff = 3 x d_model, head dimension 32 or 64, RoPE, RMSNorm, tied embeddings. The MoE models are S with every other
 FFN (layers 2, 4, ...) replaced by E routed experts (DeepSpeed-MoE / GLaM placement). Top-1 experts have S's FFN
 width and top-2 experts half of it, so every MoE model spends S's matmul FLOPs per token; only the router is extra.
@@ -18,8 +18,8 @@ from sparselm.params import count_params, flops_per_token
 # GPT-3 / Gopher tables; the MoE models use S's.
 DENSE_SIZES = {
     "S": (128, 4, 4, 3e-3),
-    "M": (256, 6, 4, 2e-3),
-    "L": (512, 8, 8, 1e-3),
+    "M": (256, 5, 4, 2e-3),  # 3.95x S's training FLOPs per token at vocabulary 2,048
+    "L": (512, 6, 8, 1e-3),  # 16.8x
 }
 QUICK_SIZES = {  # --quick: the same shape of experiment, smaller
     "S": (64, 2, 2, 3e-3),

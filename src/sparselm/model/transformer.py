@@ -124,10 +124,11 @@ class Transformer(nn.Module):
         for block in self.layers:
             if isinstance(block.ffn, MoE):
                 experts = block.ffn.experts
-                nn.init.normal_(experts.w_up, std=std)
+                scale = self.moe_cfg.expert_init_scale
+                nn.init.normal_(experts.w_up, std=std * scale)
                 if experts.w_gate is not None:
-                    nn.init.normal_(experts.w_gate, std=std)
-                nn.init.normal_(experts.w_down, std=out_std)
+                    nn.init.normal_(experts.w_gate, std=std * scale)
+                nn.init.normal_(experts.w_down, std=out_std * scale)
                 for b in (experts.b_up, experts.b_down):
                     if b is not None:
                         nn.init.zeros_(b)

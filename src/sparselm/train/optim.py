@@ -12,15 +12,21 @@ from sparselm.config import OptimConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Weight decay applies to tensors with two or more dims (matrices, embeddings, 3-D expert weights);
-    norms, biases and the XL position biases are not decayed."""
-    decay, no_decay = [], []
+    norms, biases and the XL position biases are not decayed. With ``expert_lr_scale != 1`` the routed experts'
+    weights (the only 3-D parameters, also as ZeRO-1 row shards or DTensor locals) get their own learning rate."""
+    decay, no_decay, experts = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            if p.ndim == 3 and cfg.expert_lr_scale != 1.0:
+                experts.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if experts:
+        groups.append({"params": experts, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.expert_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
