@@ -123,9 +123,13 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     # variant added by the rerun is the only thing trained, for the family's steps, and gets its own table.
     metrics = tmp_path / "exp" / "runs" / "dense-l" / "metrics.jsonl"
     before = metrics.read_text()
+    evaluated = json.loads((tmp_path / "exp" / "timings.json").read_text())
     opts.variants = ["s-moe4-top1:moe.aux_loss_coef=0.1"]
     again = run_experiment(opts)
     assert metrics.read_text() == before
+    timings = json.loads((tmp_path / "exp" / "timings.json").read_text())
+    for key in evaluated:  # nothing of the family was trained or evaluated again
+        assert timings[key] == evaluated[key], key
     assert [r["final_val_loss"] for r in again["runs"][:5]] == [r["final_val_loss"] for r in results["runs"]]
     variant = again["runs"][5]
     assert variant["variant_of"] == "s-moe4-top1" and variant["overrides"] == ["moe.aux_loss_coef=0.1"]

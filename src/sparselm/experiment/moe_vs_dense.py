@@ -212,10 +212,10 @@ def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) 
 
 
 def evaluate_run(run_dir: Path, opts: ExperimentOptions, data_dir: Path, clock: StageClock) -> dict[str, Any]:
-    from sparselm.eval.harness import read_results, run_eval
+    from sparselm.eval.harness import read_results, results_filename, run_eval
 
     out_dir = run_dir / "eval"
-    path = out_dir / "results_0shot.json"
+    path = out_dir / f"{results_filename(0)}.json"
     if path.is_file():
         meta, results = read_results(path)
         if meta.get("limit") == opts.eval_limit and {r.task for r in results} == set(opts.tasks):

@@ -58,7 +58,9 @@ def _plt():
 def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
     if run["kind"] == "dense":
         greys = {"dense-S": "#9e9e9e", "dense-M": "#616161", "dense-L": "#212121"}
-        return {"color": greys.get(run["name"], "black"), "linestyle": "-", "linewidth": 2.2, "marker": "o"}
+        base = run.get("variant_of") or run["name"]
+        color = greys.get(base) or greys.get(f"dense-{base.split('-')[-1].upper()}", "#9e9e9e")
+        return {"color": color, "linestyle": ":" if run.get("variant_of") else "-", "linewidth": 2.2, "marker": "o"}
     palette = {4: "#1f77b4", 16: "#2ca02c", 64: "#d62728", 8: "#9467bd", 32: "#ff7f0e", 128: "#8c564b"}
     color = palette.get(run["num_experts"], f"C{index % 10}")
     return {
@@ -71,7 +73,7 @@ def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
 
 def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
     for i, run in enumerate(results["runs"]):
         points = _curve(run, x)
         if not points:
@@ -82,7 +84,8 @@ def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Pat
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    # outside the axes, so that the curves stay visible however many runs there are
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(f"same {results['tokens_per_run']:,} training tokens per run", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
