@@ -55,9 +55,7 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # router z-loss coefficient (ST-MoE)
     shared_expert: bool = False  # Residual-MoE: a dense FFN in parallel with the routed experts
     router_init_std: float = 0.02
-    expert_init_scale: float = (
-        1.0  # expert weights start at this multiple of the dense init (Switch: smaller is stabler)
-    )
+    expert_init_scale: float = 1.0  # multiple of the dense init for expert weights (Switch: smaller is stabler)
 
     @property
     def enabled(self) -> bool:

@@ -151,7 +151,7 @@ def make_plan(runs: list[RunSpec], opts: ExperimentOptions, seconds_left: float)
         per_task = EVAL_STEP_EQUIVALENTS_PER_500 / len(DEFAULT_TASKS) * opts.eval_limit / 500
         eval_seconds = per_task * len(opts.tasks) * per_step
     train_seconds = seconds_left - val_seconds - eval_seconds
-    # 20% for checkpoints, logging and data, and because real training is slower than the random-token timing (routing
+    # 25% for checkpoints, logging and data, and because real training is slower than the random-token timing (routing
     # on real text is unbalanced early on): on 2026-11-24 a plan of 70.6 minutes of training and validation took 90.8.
     steps = max(20, int(train_seconds / (per_step * PLAN_SLACK)))
     return {
