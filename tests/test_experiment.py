@@ -114,6 +114,9 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
         assert heading in text
     assert "S+MoE-4 top-2" in text and "PIQA" in text
     assert "What limits the MoE runs here" in text and "Capacity headroom" in text and "Data per expert" in text
+    share = results["runs"][0]["flops_share"]  # quick dense-S: 2 layers, the second one's FFN is what MoE replaces
+    assert share["replaced_ffn_layers"] == 1 and 0 < share["replaced_ffns"] < 1 and 0 < share["output_layer"] < 1
+    assert "Where the compute goes" in text
     for png in ("loss-vs-flops.png", "loss-vs-time.png", "expert-load.png"):
         assert (report.parent / report.stem / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "exp" / "results.json").read_text())

@@ -65,7 +65,7 @@ class FlopCount:
     breakdown: dict[str, int] = field(default_factory=dict)  # forward FLOPs per component; sums to ``forward``
 
 
-def _ffn_params(d_model: int, d_ff: int, kind: str, bias: bool) -> tuple[int, int]:
+def ffn_params(d_model: int, d_ff: int, kind: str, bias: bool) -> tuple[int, int]:
     """Dense ``FeedForward``: (matmul weights, biases). SwiGLU has up/gate/down, GELU up/down; every Linear biased."""
     matrices = 3 if kind == "swiglu" else 2
     biases = ((matrices - 1) * d_ff + d_model) if bias else 0
@@ -95,13 +95,13 @@ def count_params(cfg: Config) -> ParamCount:
     norm = d * (2 if (m.norm == "layernorm" and m.bias) else 1)  # RMSNorm never has a bias
     attn_matmul = 4 * d * d + (d * d if m.position == "xl" else 0)  # q/k/v/o, plus w_rel for Transformer-XL
     attn_other = (4 * d if m.bias else 0) + (2 * d if m.position == "xl" else 0)  # biases; u and v (H x head_dim)
-    ffn_matmul, ffn_bias = _ffn_params(d, m.d_ff, m.ffn, m.bias)
+    ffn_matmul, ffn_bias = ffn_params(d, m.d_ff, m.ffn, m.bias)
 
     d_ff_expert = e.d_ff_expert or m.d_ff
     expert_matmul, expert_bias = _expert_params(d, d_ff_expert, m.ffn, m.bias) if n_moe else (0, 0)
     per_expert = expert_matmul + expert_bias
     router = e.num_experts * d if n_moe else 0
-    shared_matmul, shared_bias = _ffn_params(d, d_ff_expert, m.ffn, m.bias) if (n_moe and e.shared_expert) else (0, 0)
+    shared_matmul, shared_bias = ffn_params(d, d_ff_expert, m.ffn, m.bias) if (n_moe and e.shared_expert) else (0, 0)
 
     breakdown = {
         "token_embedding": m.vocab_size * d,

@@ -281,9 +281,7 @@ def collect_run(run: RunSpec, run_dir: Path, steps: int) -> dict[str, Any]:
         "overrides": run.overrides,
         "d_model": run.cfg.model.d_model,
         "n_layers": run.cfg.model.n_layers,
-        "d_ff": run.cfg.model.d_ff,
-        "vocab_size": run.cfg.model.vocab_size,
-        "moe_every": run.cfg.moe.moe_every,
+        "flops_share": _flops_share(run, flops_per_token),
         "lr": run.cfg.optim.lr,
         "total_params": run.total_params,
         "active_params": run.active_params,
@@ -303,6 +301,22 @@ def collect_run(run: RunSpec, run_dir: Path, steps: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------- main
+
+
+def _flops_share(run: RunSpec, train_flops_per_token: int) -> dict[str, Any]:
+    """Shares of a token's training FLOPs in the FFNs an MoE run replaces (every ``moe_every``-th layer; for a dense
+    run, the FFNs an MoE at that placement would replace) and in the output layer: what experts could change."""
+    from sparselm.params import ffn_params
+
+    m = run.cfg.model
+    replaced = [i for i in range(m.n_layers) if (i + 1) % run.cfg.moe.moe_every == 0]
+    ffn_matmul = ffn_params(m.d_model, m.d_ff, m.ffn, m.bias)[0]
+    return {
+        "replaced_ffn_layers": len(replaced),
+        "replaced_ffns": 6 * ffn_matmul * len(replaced) / train_flops_per_token,
+        "output_layer": 6 * m.d_model * m.vocab_size / train_flops_per_token,
+        "vocab_size": m.vocab_size,
+    }
 
 
 def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:

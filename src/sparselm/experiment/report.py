@@ -57,9 +57,8 @@ def _plt():
 
 def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
     if run["kind"] == "dense":
-        greys = {"dense-S": "#9e9e9e", "dense-M": "#616161", "dense-L": "#212121"}
-        base = run.get("variant_of") or run["name"]
-        color = greys.get(base) or greys.get(f"dense-{base.split('-')[-1].upper()}", "#9e9e9e")
+        greys = {"dense-s": "#9e9e9e", "dense-m": "#616161", "dense-l": "#212121"}
+        color = greys.get(run.get("variant_of") or run["slug"], "#9e9e9e")  # a variant takes its base's grey
         return {"color": color, "linestyle": ":" if run.get("variant_of") else "-", "linewidth": 2.2, "marker": "o"}
     palette = {4: "#1f77b4", 16: "#2ca02c", 64: "#d62728", 8: "#9467bd", 32: "#ff7f0e", 128: "#8c564b"}
     color = palette.get(run["num_experts"], f"C{index % 10}")
@@ -136,7 +135,7 @@ def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    family = [r for r in results["runs"] if r["kind"] == "dense" and not r.get("variant_of")]
+    family = _dense_family(results)
     dense = {r["name"]: _curve(r) for r in family}
     dense_time = {r["name"]: _curve(r, "train_seconds") for r in family}
     lines, rows = [], []
@@ -242,12 +241,17 @@ def _load_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _dense_family(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dense runs the MoE runs are measured against (recipe variants of them excluded)."""
+    return [r for r in results["runs"] if r["kind"] == "dense" and not r.get("variant_of")]
+
+
 def _variant_table(results: dict[str, Any]) -> list[str]:
     runs = {r["slug"]: r for r in results["runs"]}
     variants = [r for r in results["runs"] if r.get("variant_of")]
     if not variants:
         return []
-    dense = {r["name"]: _curve(r) for r in results["runs"] if r["kind"] == "dense" and not r.get("variant_of")}
+    dense = {r["name"]: _curve(r) for r in _dense_family(results)}
     lines = [
         "## Recipe variants",
         "",
@@ -300,7 +304,7 @@ def _wall_time_line(w: dict[str, float]) -> str:
 def _diagnosis(results: dict[str, Any]) -> list[str]:
     """What the runs' own statistics say about why MoE does or does not pay off at this scale."""
     runs = [r for r in results["runs"] if not r.get("variant_of")]
-    dense = {r["name"]: r for r in runs if r["kind"] == "dense" and r["final_val_loss"] is not None}
+    dense = {r["name"]: r for r in _dense_family(results) if r["final_val_loss"] is not None}
     s, m, big = dense.get("dense-S"), dense.get("dense-M"), dense.get("dense-L")
     if s is None:
         return []
@@ -320,15 +324,13 @@ def _diagnosis(results: dict[str, Any]) -> list[str]:
             f"in its last quarter ({q['tokens']:,} -> {curve[-1]['tokens']:,} tokens): the runs end far from "
             "convergence, where more tokens, not more parameters, lower the loss most."
         )
-    n_moe = s["n_layers"] // max(1, s.get("moe_every") or 2)
-    if s.get("d_ff") and s.get("vocab_size"):
-        ffn = 6 * 3 * s["d_model"] * s["d_ff"] * n_moe  # SwiGLU: three d x d_ff matrices per FFN, 6 FLOPs/param
-        head = 6 * s["d_model"] * s["vocab_size"]
+    share = s.get("flops_share")
+    if share:
         lines.append(
-            f"- **Where the compute goes**: in dense-S the {n_moe} FFNs that the MoE runs replace take "
-            f"{ffn / s['train_flops_per_token']:.0%} of the training FLOPs per token and the output layer "
-            f"(vocabulary {s['vocab_size']:,}) {head / s['train_flops_per_token']:.0%}; the experts can only improve "
-            "that part of the model."
+            f"- **Where the compute goes**: in dense-S the {share['replaced_ffn_layers']} FFNs that the MoE runs "
+            f"replace take {share['replaced_ffns']:.0%} of the training FLOPs per token and the output layer "
+            f"(vocabulary {share['vocab_size']:,}) {share['output_layer']:.0%}; the experts can only improve that "
+            "part of the model."
         )
     tokens = results["tokens_per_run"]
     moe = [r for r in runs if r["kind"] == "moe"]
