@@ -9,6 +9,7 @@ back to per-expert matmuls when the dims are not 16-byte aligned, e.g. d_model 6
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -443,3 +444,96 @@ def test_recycled_gradient_buffers_never_overwrite_live_gradients() -> None:
     assert w.grad.data_ptr() != kept.data_ptr()
     torch.testing.assert_close(kept.view_as(w), expected[1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.grad, expected[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_experts_split_over_threads_equal_the_serial_loop_bitwise(kind: str, autocast: bool) -> None:
+    """The loop kernel may run groups of experts on several threads at once (moe.EXPERT_THREADS / intra-op threads):
+    every expert writes only its own rows and gradient slices, and each GEMM runs single-threaded, so outputs and
+    gradients are bitwise those of the serial loop on one thread."""
+    import sparselm.model.moe as moe_module
+
+    counts = torch.tensor([0, 30, 2, 0, 0, 9, 51, 1, 0, 17, 40, 0])  # uneven, with empty experts
+
+    def run(threads: int) -> list[torch.Tensor]:
+        moe_module.EXPERT_THREADS = threads
+        experts = make_moe(32, 48, len(counts), 1, "loop", kind=kind, bias=kind == "gelu").experts
+        gen = torch.Generator().manual_seed(1)
+        rows = torch.randn(int(counts.sum()), 32, generator=gen, requires_grad=True)
+        gates = torch.rand(int(counts.sum()), generator=gen, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = experts(rows, counts, gates)
+        out.float().square().sum().backward()
+        return [out.detach(), rows.grad, gates.grad, *(p.grad for p in experts.parameters())]
+
+    intra = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = run(1)
+        torch.set_num_threads(2)
+        for threads in (2, 3):
+            moe_module._POOL = None
+            for a, b in zip(serial, run(threads), strict=True):
+                assert torch.equal(a, b)
+            assert moe_module._POOL is not None and len(moe_module._POOL._threads) == threads - 1  # really split
+    finally:
+        moe_module.EXPERT_THREADS = 0
+        torch.set_num_threads(intra)
+
+
+def test_expert_groups_cover_every_expert_once_and_balance_cost() -> None:
+    from sparselm.model.moe import _expert_groups
+
+    counts = [5, 0, 3, 100, 2, 0, 7, 60, 60]
+    groups = _expert_groups(counts, 2)
+    flat = [item for g in groups for item in g]
+    assert [e for e, _ in flat] == [e for e, n in enumerate(counts) if n]  # contiguous, in order, no empty expert
+    assert all(r.stop - r.start == counts[e] for e, r in flat) and flat[-1][1].stop == sum(counts)
+    cost = [sum(counts[e] + 32 for e, _ in g) for g in groups]
+    assert len(groups) == 2 and max(cost) / min(cost) < 1.5
+    assert _expert_groups([0, 0], 2) == [] and len(_expert_groups([4], 3)) == 1
+
+
+def test_expert_threads_from_the_environment() -> None:
+    import subprocess
+    import sys
+
+    code = "import sparselm.model.moe as m; print(m.EXPERT_THREADS)"
+    ok = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "SPARSELM_EXPERT_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ok.stdout.strip() == "1"
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "SPARSELM_EXPERT_THREADS": "two"},
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "SPARSELM_EXPERT_THREADS must be a non-negative integer, got 'two'" in bad.stderr
+
+
+def test_experts_split_over_threads_under_inference_mode() -> None:
+    """Inference mode is per thread; the worker threads must run under it too (generation uses it)."""
+    import sparselm.model.moe as moe_module
+
+    moe = make_moe(32, 48, 16, 2, "loop")
+    x = torch.randn(200, 32)
+    intra = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        moe_module.EXPERT_THREADS = 1
+        with torch.inference_mode():
+            serial, _ = moe(x)
+        torch.set_num_threads(2)
+        moe_module.EXPERT_THREADS = 2
+        with torch.inference_mode():
+            split, _ = moe(x)
+    finally:
+        moe_module.EXPERT_THREADS = 0
+        torch.set_num_threads(intra)
+    assert torch.equal(serial, split)

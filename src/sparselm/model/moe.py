@@ -12,6 +12,8 @@ dim 0. There is never a Python loop over tokens. Two expert kernels compute the 
   saving it, and folds the gate weights into the expert outputs. Those full-size copies are what made an MoE
   slower than a dense FFN of equal active FLOPs: their cost grows with the total parameter count, and on CPU every
   fresh buffer above 32 MB also costs a page fault per 4 KiB.
+  With several intra-op threads the experts are split into one group per thread, each group's GEMMs running
+  single-threaded at the same time (``EXPERT_THREADS``): expert-sized GEMMs are too small to share well.
 - ``"grouped_mm"`` (the default elsewhere): plain autograd through ``torch.nn.functional.grouped_mm``, one call per
   projection, for GPUs where a Python loop over experts would be launch-bound.
 
@@ -28,13 +30,16 @@ Two modes:
 from __future__ import annotations
 
 import math
+import os
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparselm.model.layers import FeedForward
 from sparselm.model.router import Router
@@ -122,6 +127,83 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------------- loop (CPU path)
 
 
+def _expert_threads_from_env() -> int:
+    value = os.environ.get("SPARSELM_EXPERT_THREADS", "0")
+    if not value.isdigit():
+        raise ValueError(f"SPARSELM_EXPERT_THREADS must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+# Split the experts over this many threads, each running its own experts' GEMMs single-threaded, instead of
+# running every expert-sized GEMM on all intra-op threads (see _run_experts). 0: as many as torch's intra-op
+# threads; 1: the serial loop. Set with SPARSELM_EXPERT_THREADS.
+EXPERT_THREADS = _expert_threads_from_env()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _expert_groups(counts: list[int], parts: int) -> list[list[tuple[int, slice]]]:
+    """(expert, row slice) of every expert with rows, cut into ``parts`` contiguous groups of similar cost.
+
+    An expert costs its rows plus a constant for casting and reading its weights, whatever its rows."""
+    items, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            items.append((e, slice(start, start + n)))
+        start += n
+    cost = [n + 32 for n in counts if n]
+    total, groups, current, acc = sum(cost), [], [], 0.0
+    for item, c in zip(items, cost, strict=True):
+        # Close the group when this expert's midpoint lies past the group's share of the total cost.
+        if current and len(groups) < parts - 1 and acc + c / 2 > total * (len(groups) + 1) / parts:
+            groups.append(current)
+            current = []
+        current.append(item)
+        acc += c
+    groups.append(current)
+    return [g for g in groups if g]
+
+
+def _run_experts(work, counts: list[int]) -> None:
+    """Call ``work(expert, rows)`` for every expert with rows.
+
+    Expert-sized GEMMs (a few hundred rows) scale poorly over intra-op threads: each one is too small to split well,
+    and thousands of them each pay for waking the threads up. So with T > 1 intra-op threads the experts are cut
+    into T groups that run at the same time on T threads, each GEMM single-threaded; every expert writes only its
+    own rows and its own gradient slice, so the result is bitwise that of the serial loop on one thread.
+    """
+    global _POOL
+    threads = EXPERT_THREADS or torch.get_num_threads()
+    if _get_current_dispatch_mode() is not None:
+        threads = 1  # dispatch modes (op counters, fake tensors) are per thread: keep every op where they can see it
+    groups = _expert_groups(counts, max(threads, 1))
+    if len(groups) < 2:
+        for group in groups:
+            for e, r in group:
+                work(e, r)
+        return
+
+    inference = torch.is_inference_mode_enabled()
+
+    def run(group: list[tuple[int, slice]]) -> None:
+        # Grad and inference mode are per thread: give the workers the caller's (a Function's body runs without grad;
+        # tensors made under inference mode may only be written under it).
+        with torch.inference_mode() if inference else torch.no_grad():
+            for e, r in group:
+                work(e, r)
+
+    if _POOL is None or _POOL._max_workers < len(groups) - 1:
+        _POOL = ThreadPoolExecutor(max_workers=len(groups) - 1, thread_name_prefix="sparselm-experts")
+    intra = torch.get_num_threads()
+    torch.set_num_threads(1)  # worker threads take their intra-op thread count from this on first use
+    try:
+        futures = [_POOL.submit(run, g) for g in groups[1:]]
+        run(groups[0])
+        for f in futures:
+            f.result()
+    finally:
+        torch.set_num_threads(intra)
+
+
 class _ExpertLoop(torch.autograd.Function):
     """All experts over rows sorted by expert, optionally scaled by per-row gates; see the module docstring.
 
@@ -142,12 +224,8 @@ class _ExpertLoop(torch.autograd.Function):
             h_gate = torch.empty(m, f, dtype=cd, device=x.device) if gated else None
             y = torch.empty(m, w_down.shape[-1], dtype=cd, device=x.device)
             gates_c = gates.to(cd).unsqueeze(-1) if gates is not None else None
-            start = 0
-            for e, n in enumerate(counts):
-                if n == 0:
-                    continue
-                r = slice(start, start + n)
-                start += n
+
+            def expert(e: int, r: slice) -> None:
                 xe = x[r]
                 u = torch.mm(xe, w_up[e].to(cd), out=h_up[r])
                 if b_up is not None:
@@ -162,6 +240,8 @@ class _ExpertLoop(torch.autograd.Function):
                     ye.add_(b_down[e].to(cd))
                 if gates_c is not None:
                     ye.mul_(gates_c[r])
+
+            _run_experts(expert, counts)
         ctx.counts = counts
         ctx.has_bias = (b_up is not None, b_down is not None)
         ctx.save_for_backward(x, gates, h_up, h_gate, w_up, w_gate, w_down, b_down)
@@ -187,16 +267,14 @@ class _ExpertLoop(torch.autograd.Function):
             dx = torch.empty_like(x) if need_x else None
             dgates = torch.empty_like(gates) if gates is not None and need_gates else None
             gates_c = gates.to(cd).unsqueeze(-1) if gates is not None else None
-            start = 0
             for e, n in enumerate(ctx.counts):
                 if n == 0:
                     # An expert without rows still owns a gradient: an exact zero.
                     for g_w in (g_up, g_gate, g_down):
                         if g_w is not None:
                             g_w[e].zero_()
-                    continue
-                r = slice(start, start + n)
-                start += n
+
+            def expert(e: int, r: slice) -> None:
                 xe, u, dy_gated = x[r], h_up[r], dy[r]
                 # Gradient w.r.t. the expert output before gating; ``t`` is the same through W_down^T.
                 dye = dy_gated * gates_c[r] if gates_c is not None else dy_gated
@@ -239,6 +317,8 @@ class _ExpertLoop(torch.autograd.Function):
                     gb_up[e] = du.sum(0, dtype=torch.float32)
                 if gb_down is not None:
                     gb_down[e] = dye.sum(0, dtype=torch.float32)
+
+            _run_experts(expert, ctx.counts)
         return dx, dgates, None, g_up, g_gate, g_down, gb_up, gb_down
 
 
