@@ -123,11 +123,12 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     assert saved["steps"] == 3 and len(saved["runs"]) == 5
 
     # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same; a recipe
-    # variant added by the rerun is the only thing trained, for the family's steps, and gets its own table.
+    # variant added by the rerun is the only thing trained, for the family's steps unless it sets train.max_steps,
+    # and gets its own table.
     metrics = tmp_path / "exp" / "runs" / "dense-l" / "metrics.jsonl"
     before = metrics.read_text()
     evaluated = json.loads((tmp_path / "exp" / "timings.json").read_text())
-    opts.variants = ["s-moe4-top1:moe.aux_loss_coef=0.1"]
+    opts.variants = ["s-moe4-top1:moe.aux_loss_coef=0.1", "s-moe4-top1:train.max_steps=5"]
     again = run_experiment(opts)
     assert metrics.read_text() == before
     timings = json.loads((tmp_path / "exp" / "timings.json").read_text())
@@ -137,6 +138,11 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     variant = again["runs"][5]
     assert variant["variant_of"] == "s-moe4-top1" and variant["overrides"] == ["moe.aux_loss_coef=0.1"]
     assert variant["steps"] == 3 and [p["step"] for p in variant["curve"]] == [1, 2, 3]
+    longer = again["runs"][6]
+    assert longer["steps"] == 5 and longer["tokens"] == 5 * 4 * 32 and longer["curve"][-1]["step"] == 5
+    assert longer["train_flops"] == pytest.approx(5 / 3 * again["runs"][3]["train_flops"])
+    assert again["steps"] == 3  # the family's plan is unchanged
+    assert "Best MoE run of the family" in report.read_text()
     assert "Recipe variants" in report.read_text() and "moe.aux_loss_coef=0.1" in report.read_text()
     wall = again["wall_minutes"]
     assert wall["variants"] > 0 and wall["family_total"] + wall["variants"] == pytest.approx(wall["total"])

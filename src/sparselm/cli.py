@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="BASE:SECTION.KEY=VALUE[,...]",
         help="also train a copy of run BASE (e.g. s-moe64-top1) with changed settings, same tokens and steps "
-        "(repeatable; rerun an existing --out to add variants to a finished experiment)",
+        "unless train.max_steps is set (repeatable; rerun an existing --out to add variants to a finished experiment)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.set_defaults(func=cmd_experiment)

@@ -38,6 +38,7 @@ class RunSpec:
     top_k: int = 0
     variant_of: str | None = None  # slug of the run this one changes (a recipe variant)
     overrides: list[str] = field(default_factory=list)
+    steps: int | None = None  # its own number of training steps (a variant setting train.max_steps); None: the plan's
 
     @property
     def train_flops_per_token(self) -> int:
@@ -124,7 +125,9 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
 
     A variant trains on the same tokens for the same number of steps as the family, so its curve and final loss
     compare directly with its base run's: how a recipe change (balancing loss, z-loss, learning rate, capacity)
-    moves an MoE model against the dense family.
+    moves an MoE model against the dense family. The one exception is ``train.max_steps``: a variant that sets it
+    trains that many steps (warmup and cosine stretched to match) on the same token stream, e.g. to see whether an
+    MoE model reaches dense-M's loss within half of dense-M's FLOPs, which the family's equal-token runs cannot.
     """
     from sparselm.config import ConfigError, apply_overrides
 
@@ -148,4 +151,5 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
         top_k=cfg.moe.top_k,
         variant_of=base.slug,
         overrides=overrides,
+        steps=cfg.train.max_steps if any(o.split("=", 1)[0].strip() == "train.max_steps" for o in overrides) else None,
     )

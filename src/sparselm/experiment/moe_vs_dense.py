@@ -399,12 +399,12 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
 
     for run in runs:
         stage_start = time.perf_counter()
-        if train_run(run, steps, opts, out / "runs" / run.slug):
+        if train_run(run, run.steps or steps, opts, out / "runs" / run.slug):
             clock.record(f"train/{run.slug}", time.perf_counter() - stage_start)
 
     collected = []
     for run in runs:
-        record = collect_run(run, out / "runs" / run.slug, steps)
+        record = collect_run(run, out / "runs" / run.slug, run.steps or steps)
         if data_dir is not None:
             _log(f"{run.name}: zero-shot evaluation ({', '.join(opts.tasks)}, limit {opts.eval_limit})")
             record["tasks"] = evaluate_run(out / "runs" / run.slug, opts, data_dir, clock)
