@@ -88,12 +88,29 @@ fp32, 1 thread: dense 2,738; starting point 4,097 (1.50x); loop 3,338 (1.22x); +
 - **Allocator tuning, process-wide (not in the layer)**: `mallopt(M_MMAP_THRESHOLD, 1 GiB)` keeps freed memory for
   reuse: dense 530 -> 464 ms, starting-point MoE 1,010 -> 640 ms (2 threads). A setting for the training entry
   point; the numbers in the table use the default allocator.
+- **Experts split over threads (kept, 2026-11-30; `SPARSELM_EXPERT_THREADS`; by default one group per intra-op
+  thread when the experts average fewer than 1,024 rows)**: with 2 threads every expert-sized GEMM was itself split
+  over both cores, thousands of times per step.
+  Now the experts are cut into 2 contiguous groups of similar cost (rows + a constant for the weight casts) that
+  run at the same time on 2 threads, each GEMM single-threaded; the result is bitwise the 1-thread serial loop's
+  (tested). E=64, top-2, 2 threads, both kernels in the same session, 3 repeats: bf16 558 -> 507 ms (dense 443 /
+  430: 1.26x -> 1.18x), fp32 1,088 -> 1,031 ms (dense 993 / 1,006: 1.10x -> 1.02x). The bf16 row of E=64 top-2
+  measured 1.116, 1.121, 1.179, 1.215, 1.221 and 1.227x in six runs of the split kernel that session (the 1.179
+  is the one above), 1.31x in a first full-table run (its dense FFN timed 399 ms against 423-471 ms elsewhere) and
+  1.14x in the table above: around the 1.25 target, within the run-to-run spread of this 2-core VM. Big experts
+  lose by the split: the default training config (8 experts, 1,024 rows each on average) ran 1,256 / 1,276 ms per
+  fp32 step split against 1,157 / 1,214 serial (`benchmarks/train.py`, alternating runs), hence the kernel splits
+  only experts that average fewer than 1,024 rows.
+- **Saving the forward's bf16 weight casts for the backward (dropped again, 2026-11-30)**: with the split kernel,
+  1.19x and 1.28x against 1.22x and 1.23x without (bf16, E=64, top-2, interleaved runs): no gain beyond noise.
+- **Casting into a per-thread scratch buffer that stays in cache (dropped, 2026-11-30)**: 1.13x and 1.17x against
+  1.22x and 1.12x: noise.
 - **What is left**: per-expert GEMMs get 256 rows (top-2) or 128 (top-1) instead of 8,192 and run 5-25% slower
   (bf16, 2 threads: 355 vs 395 GFLOP/s at 256 rows, 233 at 64 rows); every step reads all E experts' fp32 weights
   twice (forward and backward casts) and writes all E experts' gradients (3 x E x d x f x 4 bytes: 400 MB at E=64),
   costs that grow with total, not active, parameters and that the equal-FLOPs dense FFN does not have (32x fewer
-  parameters at E=64, top-2). With 2 threads the thousands of expert-sized ops also scale less well than 9 big
-  GEMMs and vary more from run to run (the same step measured 645 and 830 ms in consecutive runs). The gap is
+  parameters at E=64, top-2). The bf16 rows pay most for this, since their GEMMs take half the fp32 time while the
+  fp32 weight reads and gradient writes stay the same size; bf16 weights (`bf16-pure`) remove the casts. The gap is
   largest for E=128 top-1: 64 rows per expert and 128x the dense FFN's parameters."""
 
 

@@ -537,3 +537,27 @@ def test_experts_split_over_threads_under_inference_mode() -> None:
         moe_module.EXPERT_THREADS = 0
         torch.set_num_threads(intra)
     assert torch.equal(serial, split)
+
+
+def test_experts_split_only_when_they_are_small() -> None:
+    """Unset EXPERT_THREADS splits small experts over the intra-op threads and leaves big ones to their own GEMMs."""
+    import sparselm.model.moe as moe_module
+
+    seen: list[str] = []
+
+    def work(e: int, r: slice) -> None:
+        import threading
+
+        seen.append(threading.current_thread().name)
+
+    intra = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        moe_module.EXPERT_THREADS = 0
+        moe_module._run_experts(work, [1500, 0, 1600, 1400])  # >= SPLIT_BELOW_ROWS rows per busy expert
+        assert len(seen) == 3 and all(not name.startswith("sparselm-experts") for name in seen)
+        seen.clear()
+        moe_module._run_experts(work, [100, 0, 120, 90, 110])
+        assert len(seen) == 4 and any(name.startswith("sparselm-experts") for name in seen)
+    finally:
+        torch.set_num_threads(intra)

@@ -136,8 +136,11 @@ def _expert_threads_from_env() -> int:
 
 # Split the experts over this many threads, each running its own experts' GEMMs single-threaded, instead of
 # running every expert-sized GEMM on all intra-op threads (see _run_experts). 0: as many as torch's intra-op
-# threads; 1: the serial loop. Set with SPARSELM_EXPERT_THREADS.
+# threads when the experts are small (SPLIT_BELOW_ROWS); 1: the serial loop. Set with SPARSELM_EXPERT_THREADS.
 EXPERT_THREADS = _expert_threads_from_env()
+# With EXPERT_THREADS unset, split only when the experts average fewer rows than this (E=8, top-2, 8,192 tokens:
+# 2,048 rows per expert ran 2-15% slower split; 256-512 rows ran 8-15% faster; docs/benchmarks.md).
+SPLIT_BELOW_ROWS = 1024
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -173,6 +176,9 @@ def _run_experts(work, counts: list[int]) -> None:
     """
     global _POOL
     threads = EXPERT_THREADS or torch.get_num_threads()
+    busy = [n for n in counts if n]
+    if not EXPERT_THREADS and busy and sum(busy) / len(busy) >= SPLIT_BELOW_ROWS:
+        threads = 1  # experts this big keep every thread busy inside their own GEMMs (measured: splitting is slower)
     if _get_current_dispatch_mode() is not None:
         threads = 1  # dispatch modes (op counters, fake tensors) are per thread: keep every op where they can see it
     groups = _expert_groups(counts, max(threads, 1))
