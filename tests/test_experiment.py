@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sparselm.config import load_config
 from sparselm.experiment.analysis import compute_saving, family_flops_to_reach, flops_to_reach, loss_at_flops
 from sparselm.experiment.family import build_family
 from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
@@ -128,7 +129,12 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     metrics = tmp_path / "exp" / "runs" / "dense-l" / "metrics.jsonl"
     before = metrics.read_text()
     evaluated = json.loads((tmp_path / "exp" / "timings.json").read_text())
-    opts.variants = ["s-moe4-top1:moe.aux_loss_coef=0.1", "s-moe4-top1:train.max_steps=5"]
+    opts.variants = [
+        "s-moe4-top1:moe.aux_loss_coef=0.1",
+        "s-moe4-top1:train.max_steps=5",
+        "dense-s:train.max_steps=5",
+        "dense-s:optim.warmup_steps=2",
+    ]
     again = run_experiment(opts)
     assert metrics.read_text() == before
     timings = json.loads((tmp_path / "exp" / "timings.json").read_text())
@@ -143,6 +149,12 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     assert longer["train_flops"] == pytest.approx(5 / 3 * again["runs"][3]["train_flops"])
     assert again["steps"] == 3  # the family's plan is unchanged
     assert "Best MoE run of the family" in report.read_text()
+    assert "**Longer run**: S+MoE-4 top-1 [train.max_steps=5] trains on 640 tokens (1.7x the family's)" in (
+        report.read_text()
+    )
+    assert "- Control: dense-S [train.max_steps=5]" in report.read_text()  # held to the same dense-M target
+    warm = load_config(tmp_path / "exp" / "runs" / again["runs"][8]["slug"] / "config.toml")
+    assert warm.optim.warmup_steps == 2 and warm.train.max_steps == 3  # the variant's warmup, the family's steps
     assert "Recipe variants" in report.read_text() and "moe.aux_loss_coef=0.1" in report.read_text()
     wall = again["wall_minutes"]
     assert wall["variants"] > 0 and wall["family_total"] + wall["variants"] == pytest.approx(wall["total"])

@@ -41,6 +41,11 @@ class RunSpec:
     steps: int | None = None  # its own number of training steps (a variant setting train.max_steps); None: the plan's
 
     @property
+    def pinned(self) -> set[str]:
+        """The settings this run's overrides fix, which the experiment must not replace with its defaults."""
+        return {o.split("=", 1)[0].strip() for o in self.overrides}
+
+    @property
     def train_flops_per_token(self) -> int:
         return flops_per_token(self.cfg).train
 
@@ -128,6 +133,7 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
     moves an MoE model against the dense family. The one exception is ``train.max_steps``: a variant that sets it
     trains that many steps (warmup and cosine stretched to match) on the same token stream, e.g. to see whether an
     MoE model reaches dense-M's loss within half of dense-M's FLOPs, which the family's equal-token runs cannot.
+    ``optim.warmup_steps``, which the experiment otherwise sets to 5% of the steps, is also kept if a variant sets it.
     """
     from sparselm.config import ConfigError, apply_overrides
 

@@ -192,7 +192,8 @@ def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) 
 
     cfg = run.cfg
     cfg.train.max_steps = steps
-    cfg.optim.warmup_steps = max(1, steps // 20)
+    if "optim.warmup_steps" not in run.pinned:  # a variant may set its own warmup
+        cfg.optim.warmup_steps = max(1, steps // 20)
     cfg.train.eval_every = max(1, steps // EVAL_POINTS)
     cfg.train.eval_batches = opts.eval_batches
     cfg.checkpoint.every = max(1, steps // 4)

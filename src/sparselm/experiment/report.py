@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparselm.experiment.analysis import Curve, compute_saving, flops_to_reach
+from sparselm.experiment.analysis import Curve, compute_saving, flops_to_reach, loss_at_flops
 
 TASK_LABELS = {
     "lambada": "LAMBADA",
@@ -85,7 +85,9 @@ def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Pat
     ax.grid(True, which="both", alpha=0.3)
     # outside the axes, so that the curves stay visible however many runs there are
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    ax.set_title(f"same {results['tokens_per_run']:,} training tokens per run", fontsize=9)
+    longer = any(r["steps"] != results["steps"] for r in results["runs"])
+    title = f"{results['tokens_per_run']:,} training tokens per run"
+    ax.set_title(title + (" (variants setting train.max_steps: more)" if longer else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -177,7 +179,7 @@ def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any
     return lines, rows
 
 
-def _verdict(rows: list[dict[str, Any]]) -> list[str]:
+def _verdict(rows: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
     """The target, judged for the best family run and, when a recipe variant does better, for that variant too."""
     if not rows:
         return ["No MoE run finished."]
@@ -189,7 +191,44 @@ def _verdict(rows: list[dict[str, Any]]) -> list[str]:
     best_any = min(rows, key=lambda r: r["saving"].final_loss)
     if not family or best_any["run"].get("variant_of"):
         lines += _target_lines("Best MoE run including the recipe variants", best_any)
+    lines += _dense_controls(results)
     return lines
+
+
+def _same_recipe_at_family_steps(run: dict[str, Any], results: dict[str, Any]) -> dict[str, Any] | None:
+    """The run with ``run``'s recipe but the family's number of steps: its base run, or a variant of the same base
+    with the same overrides apart from ``train.max_steps``."""
+    recipe = [o for o in run["overrides"] if o.split("=", 1)[0].strip() != "train.max_steps"]
+    for other in results["runs"]:
+        if other["steps"] != results["steps"]:
+            continue
+        if (other["slug"] == run["variant_of"] and not recipe) or (
+            other.get("variant_of") == run["variant_of"] and other["overrides"] == recipe
+        ):
+            return other
+    return None
+
+
+def _dense_controls(results: dict[str, Any]) -> list[str]:
+    """Dense variants trained for more steps than the family, held to the same dense-M target as the MoE runs: if
+    a longer dense-S also gets there, the saving is not the experts' alone."""
+    m = next((r for r in _dense_family(results) if r["name"] == "dense-M" and r["final_val_loss"] is not None), None)
+    if m is None:
+        return []
+    lines = []
+    for run in results["runs"]:
+        if run["kind"] != "dense" or not run.get("variant_of") or run["steps"] == results["steps"]:
+            continue
+        flops = flops_to_reach(_curve(run), m["final_val_loss"])
+        if flops is None:
+            lines.append(f"- Control: {run['name']} does not reach dense-M's final loss within its run.")
+        else:
+            lines.append(
+                f"- Control: {run['name']}, a dense model with no experts, reaches dense-M's final loss after "
+                f"{_human(flops)} training FLOPs, {m['train_flops'] / flops:.2f}x fewer than dense-M used; the part "
+                "of an MoE run's saving vs dense-M beyond that comes from its experts."
+            )
+    return lines + [""] if lines else []
 
 
 def _target_lines(label: str, row: dict[str, Any]) -> list[str]:
@@ -337,6 +376,25 @@ def _diagnosis(results: dict[str, Any]) -> list[str]:
             f"in its last quarter ({q['tokens']:,} -> {curve[-1]['tokens']:,} tokens): the runs end far from "
             "convergence, where more tokens, not more parameters, lower the loss most."
         )
+    for run in results["runs"]:
+        if run.get("variant_of") and run["steps"] != results["steps"] and run["final_val_loss"] is not None:
+            line = (
+                f"- **Longer run**: {run['name']} trains on {run['tokens']:,} tokens "
+                f"({run['steps'] / results['steps']:.2g}x the family's) for {_human(run['train_flops'])} FLOPs and "
+                f"ends at {run['final_val_loss']:.3f}"
+            )
+            if m is not None:
+                line += f" (dense-M: {m['final_val_loss']:.3f} for {_human(m['train_flops'])} FLOPs)"
+            base = _same_recipe_at_family_steps(run, results)
+            mid = loss_at_flops(_curve(run), base["train_flops"]) if base and base["final_val_loss"] else None
+            if mid is not None and run["steps"] > results["steps"]:
+                line += (
+                    f". At the family's {base['tokens']:,} tokens, with its learning rate not yet decayed, it was at "
+                    f"{mid:.3f} against {base['name']}'s {base['final_val_loss']:.3f} at the end of its schedule"
+                )
+                if mid < base["final_val_loss"]:
+                    line += ": the family's schedule (warmup, peak learning rate, decay), not only size, limits it"
+            lines.append(line + ".")
     share = s.get("flops_share")
     if share:
         lines.append(
@@ -410,7 +468,7 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
         "",
     ]
     saving_lines, rows = _saving_rows(results)
-    lines += saving_lines + ["", *_verdict(rows), ""]
+    lines += saving_lines + ["", *_verdict(rows, results), ""]
     lines += [
         "## Wall-clock time",
         "",
