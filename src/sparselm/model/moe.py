@@ -138,8 +138,9 @@ def _expert_threads_from_env() -> int:
 # running every expert-sized GEMM on all intra-op threads (see _run_experts). 0: as many as torch's intra-op
 # threads when the experts are small (SPLIT_BELOW_ROWS); 1: the serial loop. Set with SPARSELM_EXPERT_THREADS.
 EXPERT_THREADS = _expert_threads_from_env()
-# With EXPERT_THREADS unset, split only when the experts average fewer rows than this (E=8, top-2, 8,192 tokens:
-# 2,048 rows per expert ran 2-15% slower split; 256-512 rows ran 8-15% faster; docs/benchmarks.md).
+# With EXPERT_THREADS unset, split only when the experts average fewer rows than this (measured on 2 cores: the
+# default training config, 8 experts x 1,024 rows, ran ~5% slower split in fp32; E=64 at 256 rows ran 5-9% faster;
+# docs/benchmarks.md).
 SPLIT_BELOW_ROWS = 1024
 _POOL: ThreadPoolExecutor | None = None
 
