@@ -78,11 +78,14 @@ def _expert_params(d_model: int, d_ff: int, kind: str, bias: bool) -> tuple[int,
     return matrices * d_model * d_ff, (d_ff + d_model) if bias else 0
 
 
+def moe_placement(n_layers: int, moe_every: int) -> list[int]:
+    """0-based indices of the layers an MoE at ``moe_every`` takes: ``(i + 1) % moe_every == 0`` (as in the model)."""
+    return [i for i in range(n_layers) if (i + 1) % moe_every == 0]
+
+
 def moe_layer_indices(cfg: Config) -> list[int]:
-    """0-based indices of the MoE layers: layer i is MoE when ``(i + 1) % moe_every == 0`` (as in the model)."""
-    if not cfg.moe.enabled:
-        return []
-    return [i for i in range(cfg.model.n_layers) if (i + 1) % cfg.moe.moe_every == 0]
+    """0-based indices of the MoE layers of ``cfg`` (none for a dense model)."""
+    return moe_placement(cfg.model.n_layers, cfg.moe.moe_every) if cfg.moe.enabled else []
 
 
 def count_params(cfg: Config) -> ParamCount:

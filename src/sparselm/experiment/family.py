@@ -28,6 +28,11 @@ QUICK_SIZES = {  # --quick: the same shape of experiment, smaller
 }
 
 
+def override_key(override: str) -> str:
+    """``"section.key=value"`` -> ``"section.key"``."""
+    return override.split("=", 1)[0].strip()
+
+
 @dataclass
 class RunSpec:
     name: str  # "dense-S", "S+MoE-16 top-2", ...
@@ -38,12 +43,16 @@ class RunSpec:
     top_k: int = 0
     variant_of: str | None = None  # slug of the run this one changes (a recipe variant)
     overrides: list[str] = field(default_factory=list)
-    steps: int | None = None  # its own number of training steps (a variant setting train.max_steps); None: the plan's
 
     @property
     def pinned(self) -> set[str]:
         """The settings this run's overrides fix, which the experiment must not replace with its defaults."""
-        return {o.split("=", 1)[0].strip() for o in self.overrides}
+        return {override_key(o) for o in self.overrides}
+
+    @property
+    def steps(self) -> int | None:
+        """Its own number of training steps (a variant setting train.max_steps); None: the plan's."""
+        return self.cfg.train.max_steps if "train.max_steps" in self.pinned else None
 
     @property
     def train_flops_per_token(self) -> int:
@@ -157,5 +166,4 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
         top_k=cfg.moe.top_k,
         variant_of=base.slug,
         overrides=overrides,
-        steps=cfg.train.max_steps if any(o.split("=", 1)[0].strip() == "train.max_steps" for o in overrides) else None,
     )

@@ -307,10 +307,10 @@ def collect_run(run: RunSpec, run_dir: Path, steps: int) -> dict[str, Any]:
 def _flops_share(run: RunSpec, train_flops_per_token: int) -> dict[str, Any]:
     """Shares of a token's training FLOPs in the FFNs an MoE run replaces (every ``moe_every``-th layer; for a dense
     run, the FFNs an MoE at that placement would replace) and in the output layer: what experts could change."""
-    from sparselm.params import ffn_params
+    from sparselm.params import ffn_params, moe_placement
 
     m = run.cfg.model
-    replaced = [i for i in range(m.n_layers) if (i + 1) % run.cfg.moe.moe_every == 0]
+    replaced = moe_placement(m.n_layers, run.cfg.moe.moe_every)
     ffn_matmul = ffn_params(m.d_model, m.d_ff, m.ffn, m.bias)[0]
     return {
         "replaced_ffn_layers": len(replaced),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparselm.experiment.analysis import Curve, compute_saving, flops_to_reach, loss_at_flops
+from sparselm.experiment.family import override_key
 
 TASK_LABELS = {
     "lambada": "LAMBADA",
@@ -198,7 +199,7 @@ def _verdict(rows: list[dict[str, Any]], results: dict[str, Any]) -> list[str]:
 def _same_recipe_at_family_steps(run: dict[str, Any], results: dict[str, Any]) -> dict[str, Any] | None:
     """The run with ``run``'s recipe but the family's number of steps: its base run, or a variant of the same base
     with the same overrides apart from ``train.max_steps``."""
-    recipe = [o for o in run["overrides"] if o.split("=", 1)[0].strip() != "train.max_steps"]
+    recipe = [o for o in run["overrides"] if override_key(o) != "train.max_steps"]
     for other in results["runs"]:
         if other["steps"] != results["steps"]:
             continue

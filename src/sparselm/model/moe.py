@@ -199,6 +199,8 @@ def _run_experts(work, counts: list[int]) -> None:
                 work(e, r)
 
     if _POOL is None or _POOL._max_workers < len(groups) - 1:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)  # its threads are idle: nothing is submitted to it any more
         _POOL = ThreadPoolExecutor(max_workers=len(groups) - 1, thread_name_prefix="sparselm-experts")
     intra = torch.get_num_threads()
     torch.set_num_threads(1)  # worker threads take their intra-op thread count from this on first use
