@@ -122,6 +122,10 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
         assert (report.parent / report.stem / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert saved["steps"] == 3 and len(saved["runs"]) == 5
+    # the family's warmup is 10% of its steps, at least one step, and the report says so
+    assert saved["warmup_steps"] == 1 and "AdamW, warmup 1 step (33%) then cosine" in text
+    family_cfg = load_config(tmp_path / "exp" / "runs" / "dense-s" / "config.toml")
+    assert family_cfg.optim.warmup_steps == 1
 
     # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same; a recipe
     # variant added by the rerun is the only thing trained, for the family's steps unless it sets train.max_steps,

@@ -142,7 +142,7 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
     moves an MoE model against the dense family. The one exception is ``train.max_steps``: a variant that sets it
     trains that many steps (warmup and cosine stretched to match) on the same token stream, e.g. to see whether an
     MoE model reaches dense-M's loss within half of dense-M's FLOPs, which the family's equal-token runs cannot.
-    ``optim.warmup_steps``, which the experiment otherwise sets to 5% of the steps, is also kept if a variant sets it.
+    ``optim.warmup_steps``, which the experiment otherwise sets to 10% of the steps, is also kept if a variant sets it.
     """
     from sparselm.config import ConfigError, apply_overrides
 

@@ -31,6 +31,9 @@ from sparselm.experiment.family import RunSpec, build_family, parse_variant
 
 DEFAULT_TASKS = ("lambada", "piqa", "boolq", "arc_easy", "winogrande")
 EVAL_POINTS = 16  # validation evaluations per run (the points of the loss-vs-FLOPs curves)
+# Warmup as a fraction of each run's steps. 5% (27 of 552 steps) was measured too short on the default family:
+# 55 steps lowered dense-S's final validation loss from 4.198 to 4.115 and S+MoE-16 top-1's from 4.145 to 4.076.
+WARMUP_FRACTION = 0.10
 QUICK_MAX_CHARS = 6_000_000  # --quick reads about 6 MB of text: enough for a few hundred steps of small models
 
 
@@ -193,7 +196,7 @@ def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) 
     cfg = run.cfg
     cfg.train.max_steps = steps
     if "optim.warmup_steps" not in run.pinned:  # a variant may set its own warmup
-        cfg.optim.warmup_steps = max(1, steps // 20)
+        cfg.optim.warmup_steps = max(1, round(steps * WARMUP_FRACTION))
     cfg.train.eval_every = max(1, steps // EVAL_POINTS)
     cfg.train.eval_batches = opts.eval_batches
     cfg.checkpoint.every = max(1, steps // 4)
@@ -443,6 +446,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         },
         "plan": plan,
         "steps": steps,
+        "warmup_steps": max(1, round(steps * WARMUP_FRACTION)),
         "tokens_per_run": tokens,
         "wall_minutes": {
             "data": clock.total("data") / 60,

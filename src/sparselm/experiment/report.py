@@ -341,6 +341,14 @@ def _command_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _warmup_words(results: dict) -> str:
+    """The family's warmup; reports written before it was recorded (5% of the steps then) say only "warmup"."""
+    if "warmup_steps" not in results:
+        return "warmup"
+    n = results["warmup_steps"]
+    return f"warmup {n} step{'s' if n != 1 else ''} ({n / results['steps']:.0%})"
+
+
 def _wall_time_line(w: dict[str, float]) -> str:
     line = (
         f"- **Wall time**: {w['total']:.1f} min in all: data {w['data']:.1f}, timing/plan {w['plan']:.1f}, "
@@ -438,7 +446,8 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
         f"({splits['val']['documents']} documents, held out by document)",
         f"- **Training**: every family run sees the same {results['tokens_per_run']:,} tokens "
         f"({results['steps']} steps of "
-        f"{o['batch_size']} x {o['seq_len']}), AdamW, warmup then cosine to 10%, bf16 autocast; validation loss "
+        f"{o['batch_size']} x {o['seq_len']}), AdamW, {_warmup_words(results)} then cosine to 10%, bf16 autocast; "
+        "validation loss "
         f"on the first {o['eval_batches']} validation batches ({o['eval_batches'] * o['batch_size'] * o['seq_len']:,} "
         f"tokens) at {results.get('eval_points', 16)} points per run",
         _wall_time_line(results["wall_minutes"]),
