@@ -359,9 +359,14 @@ def baseline_for(name: str, golden: dict) -> tuple[list[float], float]:
 
 
 def test_golden_matches_single_process(golden: dict, single_runs: dict) -> None:
-    """The golden file is what this code computes today in one process (else regenerate it, see the docstring)."""
+    """The golden file is what this code computes today in one process (else regenerate it, see the docstring).
+
+    fp32 is held to 1e-5. bf16 matmuls take different CPU kernels by instruction set: the golden file's own commit
+    reproduced it to 2.1e-5 relative on an AVX2-only EPYC (written on another machine), so bf16 gets 2e-4, ten times
+    that (the parallel layouts are held to 2e-3)."""
     for key, (losses, _) in single_runs.items():
-        assert losses == pytest.approx(golden[key], rel=1e-5), f"{key}: stale {GOLDEN}; regenerate it"
+        rel = 2e-4 if "bf16" in key else 1e-5
+        assert losses == pytest.approx(golden[key], rel=rel), f"{key}: stale {GOLDEN}; regenerate it"
 
 
 def test_four_rank_layouts_match_single_process(job4: dict, golden: dict) -> None:
