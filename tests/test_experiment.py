@@ -13,6 +13,7 @@ from sparselm.config import load_config
 from sparselm.experiment.analysis import compute_saving, family_flops_to_reach, flops_to_reach, loss_at_flops
 from sparselm.experiment.family import build_family
 from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
+from sparselm.experiment.report import _experts_alone
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -58,6 +59,72 @@ def test_compute_saving_against_a_constructed_family() -> None:
     # 4.0 is reached at 10**(9 + 1/1.1) FLOPs on the log-FLOPs segment from (1e9, 5.0) to (1e10, 3.9).
     assert better.flops_to_m_final == pytest.approx(10 ** (9 + 1.0 / 1.1))
     assert better.factor_vs_m == pytest.approx(4e10 / 10 ** (9 + 1.0 / 1.1))
+
+
+def _run(name: str, slug: str, kind: str, steps: int, flops: float, loss: float, **extra) -> dict:
+    run = {"name": name, "slug": slug, "kind": kind, "steps": steps, "train_flops": flops, "final_val_loss": loss}
+    return {"overrides": [], **run, **extra}
+
+
+def test_experts_alone_compares_equal_steps_and_reads_dense_s_end_points() -> None:
+    # dense-S trained to 100 steps ends at 4.0 after 1e12 FLOPs, to 200 steps at 3.6 after 2e12: an MoE loss of 3.8
+    # is halfway between in loss, so worth sqrt(2) x 1e12 dense-S FLOPs (log-FLOPs interpolation).
+    results = {
+        "steps": 100,
+        "runs": [
+            _run("dense-S", "dense-s", "dense", 100, 1e12, 4.0),
+            _run(
+                "dense-S [train.max_steps=200]",
+                "dense-s--maxsteps200",
+                "dense",
+                200,
+                2e12,
+                3.6,
+                variant_of="dense-s",
+                overrides=["train.max_steps=200"],
+            ),
+            _run(
+                "dense-S [train.seed=7]",
+                "dense-s--seed7",
+                "dense",
+                100,
+                1e12,
+                4.03,
+                variant_of="dense-s",
+                overrides=["train.seed=7"],
+            ),
+            # Not an end point of dense-S: a recipe change, not a budget.
+            _run(
+                "dense-S [optim.lr=1]",
+                "dense-s--lr1",
+                "dense",
+                200,
+                2e12,
+                3.0,
+                variant_of="dense-s",
+                overrides=["optim.lr=1", "train.max_steps=200"],
+            ),
+            _run("S+MoE-4 top-1", "s-moe4-top1", "moe", 100, 1e12, 3.8),
+            _run("S+MoE-16 top-1", "s-moe16-top1", "moe", 100, 1e12, 4.1),
+            _run(
+                "S+MoE-4 top-1 [train.max_steps=200]",
+                "s-moe4-top1--maxsteps200",
+                "moe",
+                200,
+                2e12,
+                3.5,
+                variant_of="s-moe4-top1",
+                overrides=["train.max_steps=200"],
+            ),
+        ],
+    }
+    text = "\n".join(_experts_alone(results))
+    assert "at 100 steps (dense-S 4.000): S+MoE-4 top-1 -0.200 (1.41x); S+MoE-16 top-1 +0.100 (< 1x)" in text
+    assert "at 200 steps (dense-S 3.600): S+MoE-4 top-1 [train.max_steps=200] -0.100 (> 1.00x)" in text
+    assert "dense-S [train.seed=7] ends 0.030 nats from dense-S" in text
+    # Without a second budget there is no end-point interpolation, only the differences.
+    single = {"steps": 100, "runs": [results["runs"][0], results["runs"][4]]}
+    assert "S+MoE-4 top-1 -0.200." in "\n".join(_experts_alone(single))
 
 
 def test_family_matches_flops_and_grows_dense_sizes() -> None:
@@ -157,6 +224,8 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
         report.read_text()
     )
     assert "- Control: dense-S [train.max_steps=5]" in report.read_text()  # held to the same dense-M target
+    # dense-S at 3 and 5 steps are two end points; the 5-step MoE is compared with the 5-step dense-S
+    assert "**Experts alone**" in report.read_text() and "at 5 steps (dense-S " in report.read_text()
     warm = load_config(tmp_path / "exp" / "runs" / again["runs"][8]["slug"] / "config.toml")
     assert warm.optim.warmup_steps == 2 and warm.train.max_steps == 3  # the variant's warmup, the family's steps
     assert "Recipe variants" in report.read_text() and "moe.aux_loss_coef=0.1" in report.read_text()

@@ -362,6 +362,70 @@ def _wall_time_line(w: dict[str, float]) -> str:
     return line
 
 
+def _dense_s_by_steps(results: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """dense-S trained to its own budget: the family's run and the variants of it that change only the number of
+    steps, keyed by steps. Each ends with its learning rate decayed, unlike the intermediate points of a curve."""
+    s = next((r for r in _dense_family(results) if r["name"] == "dense-S" and r["final_val_loss"] is not None), None)
+    if s is None:
+        return {}
+    out = {s["steps"]: s}
+    for run in results["runs"]:
+        keys = {override_key(o) for o in run.get("overrides", [])}
+        if run.get("variant_of") == s["slug"] and keys == {"train.max_steps"} and run["final_val_loss"] is not None:
+            out.setdefault(run["steps"], run)
+    return out
+
+
+def _experts_alone(results: dict[str, Any]) -> list[str]:
+    """Each MoE run against dense-S trained for the same steps: same FLOPs per token, same schedule, so the
+    difference is what the experts add. Where dense-S was trained at two or more budgets, the MoE loss is also
+    read as dense-S compute, interpolating between those end points in log-FLOPs."""
+    dense_s = _dense_s_by_steps(results)
+    if not dense_s:
+        return []
+    ends = sorted((r["train_flops"], r["final_val_loss"]) for r in dense_s.values())
+    parts = []
+    for steps in sorted(dense_s):
+        cells = []
+        for run in results["runs"]:
+            if run["kind"] != "moe" or run["steps"] != steps or run["final_val_loss"] is None:
+                continue
+            cell = f"{run['name']} {run['final_val_loss'] - dense_s[steps]['final_val_loss']:+.3f}"
+            if len(ends) > 1:
+                if run["final_val_loss"] > ends[0][1]:
+                    cell += " (< 1x)"
+                else:
+                    flops = flops_to_reach(ends, run["final_val_loss"])
+                    factor = (flops if flops is not None else ends[-1][0]) / run["train_flops"]
+                    cell += f" ({'> ' if flops is None else ''}{factor:.2f}x)"
+            cells.append(cell)
+        if cells:
+            parts.append(f"at {steps} steps (dense-S {dense_s[steps]['final_val_loss']:.3f}): {'; '.join(cells)}")
+    if not parts:
+        return []
+    line = (
+        "- **Experts alone**: final loss of each MoE run minus that of dense-S trained for the same steps (same "
+        "FLOPs per token, both learning rates decayed; negative = the experts help)"
+    )
+    if len(ends) > 1:
+        line += (
+            ", and in brackets the dense-S compute that loss is worth, interpolated in log-FLOPs between dense-S's "
+            "end points over the MoE run's FLOPs ('>': below every dense-S end point)"
+        )
+    lines = [line + ": " + "; ".join(parts) + "."]
+    s_slug = dense_s[min(dense_s)]["slug"]
+    for run in results["runs"]:
+        keys = {override_key(o) for o in run.get("overrides", [])}
+        if run.get("variant_of") == s_slug and keys == {"train.seed"} and run["final_val_loss"] is not None:
+            base = dense_s.get(run["steps"])
+            if base is not None:
+                lines.append(
+                    f"- **Seed noise**: {run['name']} ends {abs(run['final_val_loss'] - base['final_val_loss']):.3f} "
+                    "nats from dense-S; differences of that size between single runs are not evidence."
+                )
+    return lines
+
+
 def _diagnosis(results: dict[str, Any]) -> list[str]:
     """What the runs' own statistics say about why MoE does or does not pay off at this scale."""
     runs = [r for r in results["runs"] if not r.get("variant_of")]
@@ -420,6 +484,7 @@ def _diagnosis(results: dict[str, Any]) -> list[str]:
             for r in sorted(moe, key=lambda r: (r["top_k"], r["num_experts"]))
         )
         lines.append(f"- **Data per expert**: tokens each expert of one MoE layer sees over the run ({per_expert}).")
+    lines += _experts_alone(results)
     return lines + [""]
 
 
