@@ -8,12 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparselm.config import load_config
 from sparselm.experiment.analysis import compute_saving, family_flops_to_reach, flops_to_reach, loss_at_flops
 from sparselm.experiment.family import build_family
 from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
 from sparselm.experiment.report import _experts_alone
+from sparselm.train.precision import resolve_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -193,6 +195,10 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     assert saved["warmup_steps"] == 1 and "AdamW, warmup 1 step (33%) then cosine" in text
     family_cfg = load_config(tmp_path / "exp" / "runs" / "dense-s" / "config.toml")
     assert family_cfg.optim.warmup_steps == 1
+    # precision auto is resolved once for this machine, recorded, used by every run and stated in the report
+    expected = resolve_precision("auto", torch.device("cpu"))
+    assert saved["precision"] == expected and family_cfg.train.precision == expected
+    assert ("bf16 autocast (auto" if expected == "bf16" else "fp32 (auto: bf16 matmuls measured slower") in text
 
     # A rerun finds every run trained and evaluated: nothing is retrained, the numbers are the same; a recipe
     # variant added by the rerun is the only thing trained, for the family's steps unless it sets train.max_steps,
@@ -205,6 +211,7 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
         "s-moe4-top1:train.max_steps=5",
         "dense-s:train.max_steps=5",
         "dense-s:optim.warmup_steps=2",
+        "dense-s:train.precision=bf16",
     ]
     again = run_experiment(opts)
     assert metrics.read_text() == before
@@ -228,6 +235,8 @@ def test_experiment_end_to_end_and_rerun(tmp_path: Path, tiny_corpus: Path) -> N
     assert "**Experts alone**" in report.read_text() and "at 5 steps (dense-S " in report.read_text()
     warm = load_config(tmp_path / "exp" / "runs" / again["runs"][8]["slug"] / "config.toml")
     assert warm.optim.warmup_steps == 2 and warm.train.max_steps == 3  # the variant's warmup, the family's steps
+    pinned = load_config(tmp_path / "exp" / "runs" / again["runs"][9]["slug"] / "config.toml")
+    assert pinned.train.precision == "bf16"  # a variant's own precision is not replaced by the family's
     assert "Recipe variants" in report.read_text() and "moe.aux_loss_coef=0.1" in report.read_text()
     wall = again["wall_minutes"]
     assert wall["variants"] > 0 and wall["family_total"] + wall["variants"] == pytest.approx(wall["total"])

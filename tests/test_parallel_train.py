@@ -317,6 +317,7 @@ def job2(job4: dict, single_runs: dict, tiny_dataset: Path, tiny_vocab_size: int
         train_task("z2-bf16params-moe", out, *MOE_BF16, "parallel.zero_stage=2", "parallel.param_dtype=bf16"),
         train_task("z3-autocast-moe", out, *MOE_BF16, "parallel.zero_stage=3"),
         train_task("z3-offload-dense", out, *DENSE, "parallel.zero_stage=3", "parallel.cpu_offload=true"),
+        train_task("auto-z1-moe", out, *MOE, "parallel.zero_stage=1", "train.precision=auto"),
         # The kill test's uninterrupted reference: random router jitter and dropout, so it also checks that
         # per-step seeding makes a restarted run draw what the uninterrupted one drew.
         train_task("noisy-z2-moe", out, *NOISY),
@@ -375,10 +376,21 @@ def test_four_rank_layouts_match_single_process(job4: dict, golden: dict) -> Non
 
 
 def test_two_rank_layouts_match_single_process(job2: dict, golden: dict) -> None:
-    trained = {k: v for k, v in job2["results"].items() if not k.startswith(("experts", "resume", "noisy"))}
+    trained = {k: v for k, v in job2["results"].items() if not k.startswith(("experts", "resume", "noisy", "auto"))}
     assert len(trained) == 14
     for name, res in trained.items():
         assert_losses(name, res["losses"], *baseline_for(name, golden))
+
+
+def test_two_ranks_agree_on_precision_auto(job2: dict, golden: dict) -> None:
+    """Both ranks resolve auto the same way (an all-reduce makes sure), record it, and train what one process
+    trains in that precision."""
+    from sparselm.train.precision import resolve_precision
+
+    resolved = load_config(job2["out"] / "auto-z1-moe" / "config.toml").train.precision
+    assert resolved == resolve_precision("auto", torch.device("cpu"))
+    losses, rtol = (golden["moe-bf16"], BF16_RTOL) if resolved == "bf16" else (golden["moe-fp32"], FP32_RTOL)
+    assert_losses("auto-z1-moe", job2["results"]["auto-z1-moe"]["losses"], losses, rtol)
 
 
 def test_expert_parallel_dispatch_matches_local_experts(job2: dict) -> None:

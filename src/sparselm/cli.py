@@ -208,6 +208,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         moe_overrides=args.moe_set,
         variants=args.variant,
         threads=args.threads,
+        precision=args.precision,
         command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
     results = run_experiment(opts)
@@ -336,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
         "unless train.max_steps is set (repeatable; rerun an existing --out to add variants to a finished experiment)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="compute precision of every run (default auto: bf16 where this machine computes it natively, else fp32)",
+    )
     p.set_defaults(func=cmd_experiment)
 
     from sparselm.pipeline.cli_args import add_data_verbs  # argparse only: keeps --help instant

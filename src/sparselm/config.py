@@ -87,7 +87,9 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch_size: int = 16  # sequences per optimizer step (Megatron's global_batch_size)
     micro_batch_size: int = 8  # sequences per forward/backward; the rest is gradient accumulation
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    # auto: bf16 where the device computes in it natively, else fp32 (see train/precision.py) | bf16 (autocast, fp32
+    # master weights) | fp32
+    precision: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 1234
@@ -314,7 +316,7 @@ def validate(cfg: Config, require_data: bool = False) -> None:
         f"train.global_batch_size={t.global_batch_size} is not a multiple of "
         f"train.micro_batch_size={t.micro_batch_size}",
     )
-    _check(t.precision in ("bf16", "fp32"), f"train.precision must be bf16 or fp32, got {t.precision!r}")
+    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_batches > 0, f"train.eval_batches must be positive, got {t.eval_batches}")
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")

@@ -78,7 +78,7 @@ def base_config(vocab_size: int, seq_len: int, batch_size: int, seed: int) -> Co
     cfg.optim.min_lr_ratio = 0.1  # Gopher: cosine to 10% of the peak
     cfg.train.global_batch_size = batch_size
     cfg.train.micro_batch_size = batch_size
-    cfg.train.precision = "bf16"
+    cfg.train.precision = "auto"  # the experiment sets the precision it resolved for this machine
     cfg.train.seed = seed
     cfg.checkpoint.keep_last = 1
     cfg.logging.tensorboard = False

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from sparselm.experiment.family import RunSpec, build_family, parse_variant
+from sparselm.train.precision import resolve_precision
 
 DEFAULT_TASKS = ("lambada", "piqa", "boolq", "arc_easy", "winogrande")
 EVAL_POINTS = 16  # validation evaluations per run (the points of the loss-vs-FLOPs curves)
@@ -59,6 +60,7 @@ class ExperimentOptions:
     moe_overrides: list[str] = field(default_factory=list)
     variants: list[str] = field(default_factory=list)  # BASE_SLUG:section.key=value,... (see family.parse_variant)
     threads: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32 (train/precision.py); the plan records what auto resolved to
     progress: bool = True
     command: str = ""
 
@@ -73,6 +75,8 @@ class ExperimentOptions:
             raise ValueError(f"--top-k takes 1 and/or 2, got {self.top_ks}")
         if self.eval_limit < 0:
             raise ValueError(f"--eval-limit must be >= 0, got {self.eval_limit}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
 def _log(message: str) -> None:
@@ -215,7 +219,9 @@ def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) 
     return True
 
 
-def evaluate_run(run_dir: Path, opts: ExperimentOptions, data_dir: Path, clock: StageClock) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: Path, opts: ExperimentOptions, data_dir: Path, clock: StageClock, precision: str
+) -> dict[str, Any]:
     from sparselm.eval.harness import read_results, results_filename, run_eval
 
     out_dir = run_dir / "eval"
@@ -230,7 +236,7 @@ def evaluate_run(run_dir: Path, opts: ExperimentOptions, data_dir: Path, clock: 
         list(opts.tasks),
         data_dir=data_dir,
         limit=opts.eval_limit,
-        precision="bf16",
+        precision=precision,
         out_dir=out_dir,
         progress=opts.progress,
     )
@@ -323,6 +329,12 @@ def _flops_share(run: RunSpec, train_flops_per_token: int) -> dict[str, Any]:
     }
 
 
+def _set_precision(runs: list[RunSpec], precision: str) -> None:
+    for run in runs:
+        if "train.precision" not in run.pinned:  # a variant may compare precisions
+            run.cfg.train.precision = precision
+
+
 def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     from sparselm.experiment.data import prepare_dataset
     from sparselm.experiment.report import write_report
@@ -385,9 +397,17 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         "seq_len": opts.seq_len,
         "batch_size": opts.batch_size,
         "moe_overrides": opts.moe_overrides,
+        "precision": opts.precision,
     }
     plan = json.loads(plan_path.read_text()) if plan_path.is_file() else None
+    if plan is not None and "precision" not in plan.get("key", {}):
+        plan["key"]["precision"] = opts.precision  # a plan from before precision was an option: kept, as bf16
     if plan is None or plan.get("key") != plan_key:
+        # Resolved once and recorded: every run of the experiment, including variants added later on another
+        # machine, computes in the same precision as the step times the plan was made from.
+        precision = resolve_precision(opts.precision, torch.device("cpu"), warn=_log)
+        _log(f"precision: {precision}" + (" (auto)" if opts.precision == "auto" else ""))
+        _set_precision(runs, precision)
         if opts.steps:
             plan = {"steps": opts.steps, "step_seconds": {}}
         else:
@@ -396,7 +416,10 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             plan = make_plan([r for r in runs if r.variant_of is None], opts, seconds_left)
             clock.record("plan", time.perf_counter() - stage_start)
         plan["key"] = plan_key
+        plan["precision"] = precision
         plan_path.write_text(json.dumps(plan, indent=1))
+    precision = plan.get("precision", "bf16")  # plans written before precision was recorded were bf16
+    _set_precision(runs, precision)
     steps = int(plan["steps"])
     tokens = steps * opts.batch_size * opts.seq_len
     _log(f"plan: {steps} steps x {opts.batch_size} x {opts.seq_len} = {tokens:,} training tokens per run")
@@ -411,7 +434,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         record = collect_run(run, out / "runs" / run.slug, run.steps or steps)
         if data_dir is not None:
             _log(f"{run.name}: zero-shot evaluation ({', '.join(opts.tasks)}, limit {opts.eval_limit})")
-            record["tasks"] = evaluate_run(out / "runs" / run.slug, opts, data_dir, clock)
+            record["tasks"] = evaluate_run(out / "runs" / run.slug, opts, data_dir, clock, precision)
         collected.append(record)
 
     variant_seconds = sum(
@@ -445,6 +468,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             else None,
         },
         "plan": plan,
+        "precision": precision,
         "steps": steps,
         "warmup_steps": max(1, round(steps * WARMUP_FRACTION)),
         "tokens_per_run": tokens,

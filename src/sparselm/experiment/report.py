@@ -362,6 +362,19 @@ def _wall_time_line(w: dict[str, float]) -> str:
     return line
 
 
+def _gflops(flops: float) -> str:
+    return f"{flops / 1e9:.0f}" if flops >= 10e9 else f"{flops / 1e9:.1f}"  # emulated bf16 runs at ~1 GFLOP/s
+
+
+def _precision_words(results: dict[str, Any]) -> str:
+    precision = results.get("precision", "bf16")  # results from before precision was recorded were bf16
+    words = "bf16 autocast" if precision == "bf16" else "fp32"
+    if results.get("options", {}).get("precision") == "auto":
+        speed = "at least as fast as" if precision == "bf16" else "slower than"
+        words += f" (auto: bf16 matmuls measured {speed} fp32)"
+    return words
+
+
 def _dense_s_by_steps(results: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """dense-S trained to its own budget: the family's run and the variants of it that change only the number of
     steps, keyed by steps. Each ends with its learning rate decayed, unlike the intermediate points of a curve."""
@@ -503,15 +516,16 @@ def render_markdown(results: dict[str, Any], plots: dict[str, Path | None], repo
         *_command_lines(results),
         f"- **Date**: {results['created']} (UTC)",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, torch {m['torch']} on CPU, "
-        f"{m['torch_threads']} threads; matmul peak measured {results['matmul_peak_flops']['bf16'] / 1e9:.0f} "
-        f"GFLOP/s bf16, {results['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32",
+        f"{m['torch_threads']} threads; matmul peak measured {_gflops(results['matmul_peak_flops']['bf16'])} "
+        f"GFLOP/s bf16, {_gflops(results['matmul_peak_flops']['fp32'])} GFLOP/s fp32",
         f"- **Data**: {', '.join(o['data'])}: {d['extract']['documents'] if d.get('extract') else '?'} documents; "
         f"SentencePiece BPE vocabulary {d['vocab_size']:,}; train {splits['train']['tokens']:,} tokens "
         f"({splits['train']['documents']} documents), validation {splits['val']['tokens']:,} tokens "
         f"({splits['val']['documents']} documents, held out by document)",
         f"- **Training**: every family run sees the same {results['tokens_per_run']:,} tokens "
         f"({results['steps']} steps of "
-        f"{o['batch_size']} x {o['seq_len']}), AdamW, {_warmup_words(results)} then cosine to 10%, bf16 autocast; "
+        f"{o['batch_size']} x {o['seq_len']}), AdamW, {_warmup_words(results)} then cosine to 10%, "
+        f"{_precision_words(results)}; "
         "validation loss "
         f"on the first {o['eval_batches']} validation batches ({o['eval_batches'] * o['batch_size'] * o['seq_len']:,} "
         f"tokens) at {results.get('eval_points', 16)} points per run",

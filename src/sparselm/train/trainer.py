@@ -10,6 +10,7 @@ not what is trained: the same config gives the same losses on 1 process and on N
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from sparselm.config import Config, ConfigError, to_toml, validate
@@ -31,6 +33,7 @@ from sparselm.params import flops_per_token
 from sparselm.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from sparselm.train.metrics import MetricsLogger, format_expert_load, measure_peak_flops
 from sparselm.train.optim import build_optimizer, build_scheduler
+from sparselm.train.precision import resolve_precision
 
 
 @dataclass
@@ -49,7 +52,7 @@ AfterBackward = Callable[[int, torch.nn.Module], None]
 
 
 def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    if cfg.train.precision == "bf16":
+    if resolve_precision(cfg.train.precision, torch.device(device_type)) == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -156,16 +159,35 @@ def train(
     return result
 
 
+def _with_resolved_precision(cfg: Config, device: torch.device, env: DistEnv | None) -> Config:
+    """``cfg`` with train.precision auto replaced by what this hardware runs fast (every rank of a job agrees: bf16
+    only if all of them have it), so that the run's config.toml says what was computed."""
+    is_main = env is None or env.is_main
+    precision = resolve_precision(cfg.train.precision, device, warn=tqdm.write if is_main else None)
+    if env is not None and cfg.train.precision == "auto":
+        flag = torch.tensor([1.0 if precision == "bf16" else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        precision = "bf16" if flag.item() == 1.0 else "fp32"
+    if precision == cfg.train.precision:
+        return cfg
+    if is_main:
+        tqdm.write(f"train.precision auto: computing in {precision} on this {device.type}")
+    cfg = copy.deepcopy(cfg)
+    cfg.train.precision = precision
+    return cfg
+
+
 def _train(
     cfg: Config, run_dir: Path, resume: bool, after_backward: AfterBackward | None, env: DistEnv | None
 ) -> TrainResult:
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)  # before the precision check, which times matmuls
+    device = env.device if env is not None else default_device()
+    cfg = _with_resolved_precision(cfg, device, env)
     t, log_cfg = cfg.train, cfg.logging
-    if t.threads:
-        torch.set_num_threads(t.threads)
     # The layout is checked against the world size here, before any data is read or model built.
     runtime = ParallelRuntime(cfg, env) if env is not None else None
     is_main = env is None or env.is_main
-    device = env.device if env is not None else default_device()
     if runtime is None and (cfg.parallel.tp > 1 or cfg.parallel.ep > 1 or cfg.parallel.dp_shard > 1):
         tqdm.write("single process: the [parallel] layout is ignored (launch with torchrun to use it)")
 
