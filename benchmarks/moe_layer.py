@@ -33,6 +33,7 @@ from torch import nn
 
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
+from sparselm.train.precision import bf16_is_fast, cpu_matmul_speeds
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -378,7 +379,8 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         )
     lines += [
         "",
-        "dtype `bf16` = bf16 autocast with fp32 master weights (training default); `bf16-pure` = bf16 weights. HF "
+        "dtype `bf16` = bf16 autocast with fp32 master weights (what training uses where bf16 is native); "
+        "`bf16-pure` = bf16 weights. HF "
         "blocks get our router and expert weights and must reproduce our fp32 output (max relative difference "
         f"< 1e-4, checked on {args.check_tokens} tokens) before being timed. HF renormalises top-1 gates to 1; ours "
         "keep the router probability (Switch), which changes no FLOPs. Under autocast HF's `grouped_mm` "
@@ -477,7 +479,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="E=64 only, 2 repeats (a smoke run)")
     ap.add_argument("--experts", default="8,32,64,128")
     ap.add_argument("--top-k", default="1,2")
-    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"subset of {','.join(DTYPES)}")
+    ap.add_argument(
+        "--dtypes",
+        default="",
+        help=f"subset of {','.join(DTYPES)} (default: all where this CPU computes bf16 natively, else fp32)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8192)
@@ -499,7 +505,18 @@ def main() -> None:
     unknown = set(args.hf_impls) - set(HF_IMPLS)
     if unknown:
         ap.error(f"unknown HF implementations {sorted(unknown)}; choose from {HF_IMPLS}")
-    dtypes = args.dtypes.split(",")
+    skipped = ""
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
+    elif bf16_is_fast(torch.device("cpu")):
+        dtypes = list(DTYPES)
+    else:  # emulated bf16 (no avx512_bf16/AMX) would time the emulation, for minutes per row
+        dtypes = ["fp32"]
+        fp32, bf16 = cpu_matmul_speeds()
+        skipped = (
+            f"bf16 rows skipped: bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} "
+            "in fp32 (emulated). `--dtypes fp32,bf16,bf16-pure` times them anyway."
+        )
     if set(dtypes) - set(DTYPES):
         ap.error(f"--dtypes must be a subset of {DTYPES}")
     torch.set_num_threads(args.threads)
@@ -530,6 +547,8 @@ def main() -> None:
         if args.json:
             print(json.dumps({"batched_mm_probe": p}), flush=True)
     table = format_table(rows, probes, args, (load_before, os.getloadavg()[0]))
+    if skipped:
+        table += f"\n\n{skipped}"
     if not args.json:
         print(table)
     if args.write_docs:

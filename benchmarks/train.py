@@ -24,6 +24,7 @@ from sparselm.config import Config, apply_overrides, load_config
 from sparselm.params import count_params, flops_per_token
 from sparselm.train.metrics import measure_peak_flops
 from sparselm.train.optim import build_optimizer
+from sparselm.train.precision import bf16_is_fast, cpu_matmul_speeds
 from sparselm.train.trainer import build_model, forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,18 +80,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument(
+        "--precisions", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively, else fp32)"
+    )
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
-    peaks = {
-        "fp32": measure_peak_flops(torch.float32, 2048, 2.0),
-        "bf16": measure_peak_flops(torch.bfloat16, 2048, 2.0),
-    }
+    precisions, skipped = _precisions(args.precisions)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: measure_peak_flops(dtypes[p], 2048, 2.0) for p in precisions}
     rows = []
     for name in args.cases.split(","):
+        if name not in CASES:
+            ap.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
         path, overrides = CASES[name]
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             cfg = apply_overrides(load_config(REPO / path), [*overrides, f"train.precision={precision}"])
             result = bench_case(cfg, steps, warmup)
             fpt = flops_per_token(cfg, cfg.data.seq_len).train
@@ -110,10 +115,29 @@ def main() -> None:
     moe = {r["precision"]: r for r in rows if r["config"] == "default-moe"}
     dense = {r["precision"]: r for r in rows if r["config"] == "default-dense"}
     table = format_table(rows, moe, dense, args.threads)
+    if skipped:
+        table += f"\n\n{skipped}"
     if not args.json:
         print(table)
     if args.write_docs:
         write_docs(table)
+
+
+def _precisions(requested: str) -> tuple[list[str], str]:
+    """The precisions to time and, when bf16 is left out by default, the sentence that says why: where bf16 is
+    emulated (no avx512_bf16/AMX) a bf16 step takes minutes and times the emulation, not the model."""
+    if requested:
+        chosen = [p.strip() for p in requested.split(",") if p.strip()]
+        if not chosen or set(chosen) - {"fp32", "bf16"}:
+            raise SystemExit(f"--precisions takes fp32 and/or bf16, got {requested!r}")
+        return chosen, ""
+    if bf16_is_fast(torch.device("cpu")):
+        return ["fp32", "bf16"], ""
+    fp32, bf16 = cpu_matmul_speeds()
+    return ["fp32"], (
+        f"bf16 rows skipped: bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in "
+        "fp32 (emulated; `sparselm train` computes in fp32 here). `--precisions fp32,bf16` times them anyway."
+    )
 
 
 def format_table(rows: list[dict], moe: dict, dense: dict, threads: int) -> str:

@@ -1,0 +1,58 @@
+"""The throughput benchmarks run end to end at their smallest settings (timings are not checked: benchmarks report
+them, tests do not), and leave out bf16 exactly where this CPU emulates it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sparselm.train.precision import bf16_is_fast
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_training_benchmark_times_each_precision_this_cpu_runs_natively() -> None:
+    rows = _run("train.py", "--quick", "--cases", "default-moe")
+    expected = ["fp32", "bf16"] if bf16_is_fast(torch.device("cpu")) else ["fp32"]
+    assert [r["precision"] for r in rows] == expected
+    for row in rows:
+        assert row["config"] == "default-moe" and row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
+        assert row["active_params"] < row["total_params"]  # top-2 of 8 experts: most expert weights idle per token
+
+
+def test_moe_layer_benchmark_smallest_setting() -> None:
+    rows = _run(
+        "moe_layer.py",
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+        "--repeats",
+        "1",
+        "--tokens",
+        "512",
+        "--hf-impls",
+        "",
+        "--dtypes",
+        "fp32",
+        "--no-wait",
+    )
+    rows = [r for r in rows if "num_experts" in r]
+    assert [(r["num_experts"], r["top_k"], r["dtype"]) for r in rows] == [(8, 2, "fp32")]
+    assert rows[0]["moe_ms"] > 0 and rows[0]["dense_ms"] > 0
