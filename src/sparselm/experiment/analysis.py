@@ -13,6 +13,11 @@ from dataclasses import dataclass
 Curve = list[tuple[float, float]]
 
 
+def run_curve(run: dict, x: str = "flops") -> Curve:
+    """A run record's validation curve from ``results.json`` against ``x`` (flops, tokens or train_seconds)."""
+    return [(p[x], p["val_loss"]) for p in run["curve"] if p.get(x)]
+
+
 def flops_to_reach(curve: Curve, target: float) -> float | None:
     """The training FLOPs at which ``curve`` first reaches ``target`` loss, or None if it never does."""
     previous = None

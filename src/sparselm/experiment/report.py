@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sparselm.experiment.analysis import Curve, compute_saving, flops_to_reach, loss_at_flops
+from sparselm.experiment.analysis import compute_saving, flops_to_reach, loss_at_flops, run_curve
 from sparselm.experiment.family import override_key
+from sparselm.experiment.plots import plot_curves, plot_expert_load
 
 TASK_LABELS = {
     "lambada": "LAMBADA",
@@ -20,10 +21,6 @@ TASK_LABELS = {
     "winogrande": "WinoGrande",
 }
 CHANCE = {"lambada": 0.0, "piqa": 0.5, "boolq": 0.5, "arc_easy": 0.25, "winogrande": 0.5}
-
-
-def _curve(run: dict[str, Any], x: str = "flops") -> Curve:
-    return [(p[x], p["val_loss"]) for p in run["curve"] if p.get(x)]
 
 
 def _human(n: float | None, unit: str = "") -> str:
@@ -44,103 +41,13 @@ def _load_imbalance(load: list[float]) -> float:
     return max(load) / mean if mean > 0 else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------------------- plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
-    if run["kind"] == "dense":
-        greys = {"dense-s": "#9e9e9e", "dense-m": "#616161", "dense-l": "#212121"}
-        color = greys.get(run.get("variant_of") or run["slug"], "#9e9e9e")  # a variant takes its base's grey
-        return {"color": color, "linestyle": ":" if run.get("variant_of") else "-", "linewidth": 2.2, "marker": "o"}
-    palette = {4: "#1f77b4", 16: "#2ca02c", 64: "#d62728", 8: "#9467bd", 32: "#ff7f0e", 128: "#8c564b"}
-    color = palette.get(run["num_experts"], f"C{index % 10}")
-    return {
-        "color": color,
-        "linestyle": ":" if run.get("variant_of") else ("-" if run["top_k"] == 1 else "--"),
-        "linewidth": 1.5,
-        "marker": "^" if run["top_k"] == 1 else "v",
-    }
-
-
-def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10.5, 4.8))
-    for i, run in enumerate(results["runs"]):
-        points = _curve(run, x)
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, label=run["name"], markersize=3, **_style(run, i))
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(True, which="both", alpha=0.3)
-    # outside the axes, so that the curves stay visible however many runs there are
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    longer = any(r["steps"] != results["steps"] for r in results["runs"])
-    title = f"{results['tokens_per_run']:,} training tokens per run"
-    ax.set_title(title + (" (variants setting train.max_steps: more)" if longer else ""), fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
-    """Per MoE run and MoE layer: a heatmap of each expert's share of tokens x E over training (1 = balanced)."""
-    moe_runs = [r for r in results["runs"] if r["kind"] == "moe" and r["expert_load"]]
-    if not moe_runs:
-        return None
-    plt = _plt()
-    layers = max(len(r["expert_load"][0]["load"]) for r in moe_runs)
-    fig, axes = plt.subplots(len(moe_runs), layers, figsize=(4.2 * layers, 1.9 * len(moe_runs)), squeeze=False)
-    image = None
-    for row, run in enumerate(moe_runs):
-        steps = [p["step"] for p in run["expert_load"]]
-        e = run["num_experts"]
-        for layer in range(layers):
-            ax = axes[row][layer]
-            matrix = [[p["load"][layer][i] * e for p in run["expert_load"]] for i in range(e)]
-            image = ax.imshow(
-                matrix,
-                aspect="auto",
-                cmap="viridis",
-                vmin=0,
-                vmax=3,
-                extent=(steps[0], steps[-1], e - 0.5, -0.5),
-                interpolation="nearest",
-            )
-            ax.set_title(f"{run['name']}, MoE layer {layer}", fontsize=8)
-            ax.tick_params(labelsize=7)
-            if layer == 0:
-                ax.set_ylabel("expert", fontsize=7)
-            if row == len(moe_runs) - 1:
-                ax.set_xlabel("training step", fontsize=7)
-    fig.tight_layout()
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="share of tokens x E (1 = balanced)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # -------------------------------------------------------------------------------------------------------- markdown
 
 
 def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     family = _dense_family(results)
-    dense = {r["name"]: _curve(r) for r in family}
-    dense_time = {r["name"]: _curve(r, "train_seconds") for r in family}
+    dense = {r["name"]: run_curve(r) for r in family}
+    dense_time = {r["name"]: run_curve(r, "train_seconds") for r in family}
     lines, rows = [], []
     lines.append(
         "| model | final val loss | training FLOPs | dense FLOPs to reach it | compute-saving factor | FLOPs to reach "
@@ -152,8 +59,8 @@ def _saving_rows(results: dict[str, Any]) -> tuple[list[str], list[dict[str, Any
     for run in results["runs"]:
         if run["kind"] != "moe" or not run["curve"]:
             continue
-        s = compute_saving(_curve(run), dense)
-        time_curve = _curve(run, "train_seconds")
+        s = compute_saving(run_curve(run), dense)
+        time_curve = run_curve(run, "train_seconds")
         time_factor = None
         time_bound = None
         if time_curve:
@@ -220,7 +127,7 @@ def _dense_controls(results: dict[str, Any]) -> list[str]:
     for run in results["runs"]:
         if run["kind"] != "dense" or not run.get("variant_of") or run["steps"] == results["steps"]:
             continue
-        flops = flops_to_reach(_curve(run), m["final_val_loss"])
+        flops = flops_to_reach(run_curve(run), m["final_val_loss"])
         if flops is None:
             lines.append(f"- Control: {run['name']} does not reach dense-M's final loss within its run.")
         else:
@@ -303,7 +210,7 @@ def _variant_table(results: dict[str, Any]) -> list[str]:
     variants = [r for r in results["runs"] if r.get("variant_of")]
     if not variants:
         return []
-    dense = {r["name"]: _curve(r) for r in _dense_family(results)}
+    dense = {r["name"]: run_curve(r) for r in _dense_family(results)}
     lines = [
         "## Recipe variants",
         "",
@@ -319,7 +226,7 @@ def _variant_table(results: dict[str, Any]) -> list[str]:
         base = runs.get(run["variant_of"])
         if not run["curve"] or base is None or not base["curve"]:
             continue
-        s = compute_saving(_curve(run), dense)
+        s = compute_saving(run_curve(run), dense)
         factor = f"{s.factor:.2f}x" if s.factor is not None else f"> {s.factor_lower_bound:.1f}x"
         load = (
             ", ".join(f"{_load_imbalance(x):.2f}" for x in run["expert_load"][-1]["load"])
@@ -472,7 +379,7 @@ def _diagnosis(results: dict[str, Any]) -> list[str]:
             if m is not None:
                 line += f" (dense-M: {m['final_val_loss']:.3f} for {_human(m['train_flops'])} FLOPs)"
             base = _same_recipe_at_family_steps(run, results)
-            mid = loss_at_flops(_curve(run), base["train_flops"]) if base and base["final_val_loss"] else None
+            mid = loss_at_flops(run_curve(run), base["train_flops"]) if base and base["final_val_loss"] else None
             if mid is not None and run["steps"] > results["steps"]:
                 line += (
                     f". At the family's {base['tokens']:,} tokens, with its learning rate not yet decayed, it was at "

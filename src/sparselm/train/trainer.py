@@ -52,7 +52,10 @@ AfterBackward = Callable[[int, torch.nn.Module], None]
 
 
 def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    if resolve_precision(cfg.train.precision, torch.device(device_type)) == "bf16":
+    precision = cfg.train.precision  # a training run has resolved auto already; other callers resolve it here
+    if precision == "auto":
+        precision = resolve_precision(precision, torch.device(device_type))
+    if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
