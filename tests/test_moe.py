@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -496,9 +499,6 @@ def test_expert_groups_cover_every_expert_once_and_balance_cost() -> None:
 
 
 def test_expert_threads_from_the_environment() -> None:
-    import subprocess
-    import sys
-
     code = "import sparselm.model.moe as m; print(m.EXPERT_THREADS)"
     ok = subprocess.run(
         [sys.executable, "-c", code],
@@ -561,3 +561,26 @@ def test_experts_split_only_when_they_are_small() -> None:
         assert len(seen) == 4 and any(name.startswith("sparselm-experts") for name in seen)
     finally:
         torch.set_num_threads(intra)
+
+
+def test_fresh_worker_threads_compute_single_threaded() -> None:
+    """A pool thread starts with OpenMP's default thread count, not the caller's: unless it sets its own, its
+    GEMMs fan out over every core and the split differs from the serial loop in the last bit. A fresh process, so
+    that the pool's threads are new (within this session earlier tests may have created them)."""
+    script = """
+import sys, torch
+sys.path.insert(0, "tests")
+import sparselm.model.moe as moe_module
+from test_moe import make_moe
+moe = make_moe(32, 48, 16, 2, "loop")
+x = torch.randn(200, 32)
+out = []
+for expert_threads, intra in ((1, 1), (2, 2)):
+    torch.set_num_threads(intra)
+    moe_module.EXPERT_THREADS = expert_threads
+    with torch.inference_mode():
+        out.append(moe(x)[0])
+sys.exit(0 if torch.equal(*out) else 1)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0

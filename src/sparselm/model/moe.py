@@ -192,6 +192,9 @@ def _run_experts(work, counts: list[int]) -> None:
     inference = torch.is_inference_mode_enabled()
 
     def run(group: list[tuple[int, slice]]) -> None:
+        # OpenMP's thread count is per thread too: a pool thread otherwise keeps its default (all cores) and its
+        # "single-threaded" GEMMs fan out again (measured: results then differ from the serial loop's in the last bit).
+        torch.set_num_threads(1)
         # Grad and inference mode are per thread: give the workers the caller's (a Function's body runs without grad;
         # tensors made under inference mode may only be written under it).
         with torch.inference_mode() if inference else torch.no_grad():
