@@ -33,7 +33,7 @@ from torch import nn
 
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
-from sparselm.train.precision import bf16_is_fast, cpu_matmul_speeds
+from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -512,10 +512,8 @@ def main() -> None:
         dtypes = list(DTYPES)
     else:  # emulated bf16 (no avx512_bf16/AMX) would time the emulation, for minutes per row
         dtypes = ["fp32"]
-        fp32, bf16 = cpu_matmul_speeds()
         skipped = (
-            f"bf16 rows skipped: bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} "
-            "in fp32 (emulated). `--dtypes fp32,bf16,bf16-pure` times them anyway."
+            f"bf16 rows skipped: {cpu_speeds_sentence()} (emulated). `--dtypes fp32,bf16,bf16-pure` times them anyway."
         )
     if set(dtypes) - set(DTYPES):
         ap.error(f"--dtypes must be a subset of {DTYPES}")

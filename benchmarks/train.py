@@ -24,7 +24,7 @@ from sparselm.config import Config, apply_overrides, load_config
 from sparselm.params import count_params, flops_per_token
 from sparselm.train.metrics import measure_peak_flops
 from sparselm.train.optim import build_optimizer
-from sparselm.train.precision import bf16_is_fast, cpu_matmul_speeds
+from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
 from sparselm.train.trainer import build_model, forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,10 +133,9 @@ def _precisions(requested: str) -> tuple[list[str], str]:
         return chosen, ""
     if bf16_is_fast(torch.device("cpu")):
         return ["fp32", "bf16"], ""
-    fp32, bf16 = cpu_matmul_speeds()
     return ["fp32"], (
-        f"bf16 rows skipped: bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in "
-        "fp32 (emulated; `sparselm train` computes in fp32 here). `--precisions fp32,bf16` times them anyway."
+        f"bf16 rows skipped: {cpu_speeds_sentence()} (emulated; `sparselm train` computes in fp32 here). "
+        "`--precisions fp32,bf16` times them anyway."
     )
 
 

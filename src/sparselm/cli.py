@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from sparselm.config import PRECISIONS
+
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="TOML config file (see configs/)")
@@ -341,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument(
         "--precision",
-        choices=["auto", "bf16", "fp32"],
+        choices=PRECISIONS,
         default="auto",
         help="compute precision of every run (default auto: bf16 where this machine computes it natively, else fp32)",
     )

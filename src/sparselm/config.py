@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or inconsistent with another value."""
 
 
+PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto is resolved by train/precision.py
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -316,7 +319,7 @@ def validate(cfg: Config, require_data: bool = False) -> None:
         f"train.global_batch_size={t.global_batch_size} is not a multiple of "
         f"train.micro_batch_size={t.micro_batch_size}",
     )
-    _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_batches > 0, f"train.eval_batches must be positive, got {t.eval_batches}")
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from sparselm.config import PRECISIONS
 from sparselm.experiment.family import RunSpec, build_family, parse_variant
 from sparselm.train.precision import resolve_precision
 
@@ -75,8 +76,8 @@ class ExperimentOptions:
             raise ValueError(f"--top-k takes 1 and/or 2, got {self.top_ks}")
         if self.eval_limit < 0:
             raise ValueError(f"--eval-limit must be >= 0, got {self.eval_limit}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def _log(message: str) -> None:

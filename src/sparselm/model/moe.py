@@ -192,9 +192,6 @@ def _run_experts(work, counts: list[int]) -> None:
     inference = torch.is_inference_mode_enabled()
 
     def run(group: list[tuple[int, slice]]) -> None:
-        # OpenMP's thread count is per thread too: a pool thread otherwise keeps its default (all cores) and its
-        # "single-threaded" GEMMs fan out again (measured: results then differ from the serial loop's in the last bit).
-        torch.set_num_threads(1)
         # Grad and inference mode are per thread: give the workers the caller's (a Function's body runs without grad;
         # tensors made under inference mode may only be written under it).
         with torch.inference_mode() if inference else torch.no_grad():
@@ -204,7 +201,15 @@ def _run_experts(work, counts: list[int]) -> None:
     if _POOL is None or _POOL._max_workers < len(groups) - 1:
         if _POOL is not None:
             _POOL.shutdown(wait=False)  # its threads are idle: nothing is submitted to it any more
-        _POOL = ThreadPoolExecutor(max_workers=len(groups) - 1, thread_name_prefix="sparselm-experts")
+        # OpenMP's thread count is per thread: a pool thread would keep its default (all cores) and its
+        # "single-threaded" GEMMs would fan out again (measured: results then differ from the serial loop's in the
+        # last bit), so each sets its own once, when it starts.
+        _POOL = ThreadPoolExecutor(
+            max_workers=len(groups) - 1,
+            thread_name_prefix="sparselm-experts",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
     intra = torch.get_num_threads()
     torch.set_num_threads(1)  # worker threads take their intra-op thread count from this on first use
     try:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+from sparselm.config import PRECISIONS
 
 
 @functools.cache
@@ -24,6 +24,12 @@ def cpu_matmul_speeds() -> tuple[float, float]:
     from sparselm.train.metrics import measure_peak_flops
 
     return measure_peak_flops(torch.float32, 256, 0.05), measure_peak_flops(torch.bfloat16, 256, 0.05)
+
+
+def cpu_speeds_sentence() -> str:
+    """What the bf16-versus-fp32 decision rests on, for warnings and benchmark notes."""
+    fp32, bf16 = cpu_matmul_speeds()
+    return f"bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in fp32"
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -46,10 +52,6 @@ def resolve_precision(requested: str, device: torch.device, warn: Callable[[str]
     if requested == "auto":
         return "bf16" if fast else "fp32"
     if not fast and warn is not None:
-        if device.type == "cpu":
-            fp32, bf16 = cpu_matmul_speeds()
-            speeds = f"bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in fp32"
-        else:
-            speeds = f"this {device.type} device has no fast bf16"
+        speeds = cpu_speeds_sentence() if device.type == "cpu" else f"this {device.type} device has no fast bf16"
         warn(f"precision bf16: {speeds}, so training will be slow; precision auto (or fp32) computes in fp32 here")
     return "bf16"
