@@ -54,7 +54,7 @@ def theory(layout: str, cfg, model, world: int) -> float:
         # Sequence parallel also gathers the sequence before the final norm, and the embeddings' output gradient.
         return per_layer + (2 * tokens * d * b if "SP" in layout else 0)
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    n_moe = sum(model.is_moe_layer(i) for i in range(n_layers))
+    n_moe = len(cfg.moe.layer_indices(n_layers))
     return 2 * (psi - expert) * b + n_moe * (4 * tokens * cfg.moe.top_k * d * b + 8 * cfg.moe.num_experts)
 
 

@@ -72,7 +72,7 @@ def build(overrides: list[str]) -> tuple[Config, ParallelRuntime, torch.nn.Modul
 
 
 def _dp_size(cfg: Config, world: int) -> int:
-    from sparselm.parallel.mesh import resolve_layout
+    from sparselm.parallel.layout import resolve_layout
 
     cfg.train.global_batch_size = cfg.train.micro_batch_size * world  # large enough to resolve any layout
     return resolve_layout(cfg, world).dp

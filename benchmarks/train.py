@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from sparselm.config import Config, apply_overrides, load_config
-from sparselm.params import count_params, flops_per_token
+from sparselm.params.counting import count_params, flops_per_token
 from sparselm.train.metrics import measure_peak_flops
 from sparselm.train.optim import build_optimizer
 from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence

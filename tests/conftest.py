@@ -13,7 +13,7 @@ import pytest
 from sparselm.corpus import default_corpus_files
 from sparselm.data.prepare import prepare
 from sparselm.data.reader import iter_documents
-from sparselm.tokenizer import Tokenizer, train_tokenizer
+from sparselm.data.tokenizer import Tokenizer, train_tokenizer
 
 TINY_VOCAB_REQUEST = 512
 _SLICE = slice(40_000, 60_000)  # from the middle of each book: prose rather than title pages and contents

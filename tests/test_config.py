@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from sparselm.cli import main
-from sparselm.config import Config, ConfigError, apply_overrides, config_from_dict, load_config, to_toml, validate
+from sparselm.config import Config, apply_overrides, config_from_dict, load_config, to_toml, validate
+from sparselm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.cli import main
 from sparselm.config import load_config
 from sparselm.eval.formats import load_examples
 from sparselm.eval.harness import evaluate_task, fewshot_prefix, read_results
 from sparselm.eval.loglik import Scorer
 from sparselm.eval.tasks import builtin_tasks, load_task
-from sparselm.inference import load_checkpoint
 from sparselm.train.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

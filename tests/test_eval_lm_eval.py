@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.config import load_config
 from sparselm.eval.formats import load_examples, split_wikitext
 from sparselm.eval.harness import evaluate_task
 from sparselm.eval.loglik import Scorer
 from sparselm.eval.tasks import load_task, task_from_file
-from sparselm.inference import load_checkpoint
 from sparselm.train.trainer import train
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

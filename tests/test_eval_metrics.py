@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sparselm.config import ConfigError
+from sparselm.errors import ConfigError
 from sparselm.eval import metrics as M
 from sparselm.eval.formats import detokenize_wikitext, load_examples, render, split_wikitext
 from sparselm.eval.tasks import builtin_tasks, load_task, resolve_data_dir, task_from_file

@@ -12,7 +12,7 @@ import torch
 
 from sparselm.data.loader import BatchSampler, TokenShards, eval_batches, num_windows
 from sparselm.data.prepare import prepare
-from sparselm.tokenizer import Tokenizer
+from sparselm.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

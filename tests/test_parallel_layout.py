@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from sparselm.config import Config, ConfigError, apply_overrides, validate
-from sparselm.parallel.mesh import resolve_layout
+from sparselm.config import Config, apply_overrides, validate
+from sparselm.errors import ConfigError
+from sparselm.parallel.layout import resolve_layout, validate_parallel
 
 
 def cfg_with(*overrides: str) -> Config:
@@ -71,5 +72,8 @@ def test_world_size_errors(overrides: list[str], world: int, message: str) -> No
     ],
 )
 def test_static_errors(overrides: list[str], message: str) -> None:
+    cfg = cfg_with(*overrides)  # a valid config for one process: the [parallel] section is checked by the launcher
     with pytest.raises(ConfigError, match=message):
-        cfg_with(*overrides)
+        validate_parallel(cfg)
+    with pytest.raises(ConfigError, match=message):
+        resolve_layout(cfg, 8)

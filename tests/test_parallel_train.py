@@ -82,7 +82,8 @@ def _check_experts(spec: dict, mode: str) -> dict:
 
     from sparselm.model.moe import MoE
     from sparselm.parallel.expert_parallel import ParallelExperts
-    from sparselm.parallel.mesh import ParallelDims, resolve_layout
+    from sparselm.parallel.layout import resolve_layout
+    from sparselm.parallel.mesh import ParallelDims
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config(spec["data"], spec["vocab"], f"parallel.{mode}={world}")
@@ -155,7 +156,7 @@ def _weight_grad_error(ref, par, mode: str) -> float:
 def _logits(spec: dict, task: dict) -> None:
     import torch.distributed as dist
 
-    from sparselm.parallel.checkpoint import load_sharded
+    from sparselm.checkpoint.sharded import load_sharded
     from sparselm.parallel.launch import init_distributed
     from sparselm.parallel.runtime import ParallelRuntime
     from sparselm.train.trainer import build_model
@@ -403,8 +404,8 @@ def test_checkpoint_reshards_4_to_2_to_1(job4: dict, job2: dict, golden: dict, t
     """A step-6 checkpoint of dp_shard=2 x tp=2 (ZeRO-2, sequence parallel) gives the same logits in 4 ranks,
     2 ranks (ep=2, ZeRO-1) and one process, and training resumed from it matches the uninterrupted baseline;
     so does one process resuming from the 2-rank job's step-9 checkpoint."""
-    from sparselm.inference import load_checkpoint
-    from sparselm.train.checkpoint import export_checkpoint
+    from sparselm.checkpoint.files import export_checkpoint
+    from sparselm.checkpoint.inference import load_checkpoint
     from sparselm.train.trainer import train
 
     step6 = job4["source"] / "checkpoints" / "step_00000006"
@@ -433,7 +434,7 @@ def test_killed_worker_restarts_from_checkpoint(
     """torchrun --max-restarts 1; rank 1 SIGKILLs itself in step 9 (after the step-6 checkpoint). The restarted job
     resumes at step 6 and ends with exactly the weights of the uninterrupted 2-rank run of the same config (with
     router jitter and dropout on)."""
-    from sparselm.inference import load_checkpoint
+    from sparselm.checkpoint.inference import load_checkpoint
 
     marker = tmp_path / "killed"
     task = train_task("noisy-z2-moe", tmp_path, *NOISY, resume=True)

@@ -8,20 +8,13 @@ import time
 
 import pytest
 
-from sparselm.config import Config, ConfigError, config_from_dict, validate
+from sparselm.config import Config, config_from_dict, validate
+from sparselm.errors import ConfigError
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
-from sparselm.params import (
-    PRESETS_DIR,
-    PUBLISHED,
-    count_params,
-    flops_per_token,
-    list_presets,
-    load_preset,
-    mfu,
-    report,
-    run_params,
-)
+from sparselm.params.counting import count_params, flops_per_token
+from sparselm.params.presets import PRESETS_DIR, list_presets, load_preset, report, run_params
+from sparselm.params.published import PUBLISHED
 
 # --- (1) exact agreement with Transformer.parameters() over every option ------------------------------------------
 
@@ -259,12 +252,6 @@ def test_flops_follow_the_6n_convention(name: str) -> None:
     approx = 2 * counts.active_non_embedding + 2 * m.vocab_size * m.d_model + 4 * m.n_layers * flops.seq_len * m.d_model
     assert flops.forward == pytest.approx(approx, rel=0.01)
     assert flops.train == 3 * flops.forward
-
-
-def test_mfu() -> None:
-    assert mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
-    with pytest.raises(ValueError):
-        mfu(1000.0, 6e9, 0.0)
 
 
 # --- (4) the `sparselm params` entry point -------------------------------------------------------------------------

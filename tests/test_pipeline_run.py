@@ -14,15 +14,15 @@ import pytest
 import zstandard
 
 from sparselm.cli import main
-from sparselm.config import ConfigError
 from sparselm.data.loader import TokenShards
+from sparselm.data.tokenizer import Tokenizer
+from sparselm.errors import ConfigError
 from sparselm.pipeline import report as report_module
 from sparselm.pipeline import run as run_module
 from sparselm.pipeline.config import PipelineConfig, config_from_dict, load_pipeline_config, validate
 from sparselm.pipeline.executor import DaskExecutor
 from sparselm.pipeline.quality import QualityModel
 from sparselm.pipeline.run import run_pipeline
-from sparselm.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED_REJECTS = {

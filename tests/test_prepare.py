@@ -14,7 +14,7 @@ import pytest
 from sparselm.data import prepare as prepare_module
 from sparselm.data.prepare import META_FILE, prepare
 from sparselm.data.reader import ReadStats, iter_documents, strip_gutenberg
-from sparselm.tokenizer import Tokenizer
+from sparselm.data.tokenizer import Tokenizer
 
 GOOD = {
     "plain.txt": "Plain text file.\nSecond line.\n",

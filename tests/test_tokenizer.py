@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 
 from sparselm.data.reader import iter_documents
-from sparselm.tokenizer import (
+from sparselm.data.tokenizer import (
     BOS_ID,
     ENCODE_CHUNK_CHARS,
     EOS_ID,

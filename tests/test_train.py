@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparselm.checkpoint.files import latest_checkpoint, list_checkpoints, load_model_weights
+from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.config import Config, apply_overrides, load_config
 from sparselm.errors import CheckpointError, TrainingStopped
-from sparselm.inference import load_checkpoint
-from sparselm.train.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from sparselm.train.metrics import read_metrics
 from sparselm.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.trainer import build_model, train

@@ -38,7 +38,7 @@ def _inputs(paths: list[str]) -> list[Path]:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from sparselm.tokenizer import train_tokenizer
+    from sparselm.data.tokenizer import train_tokenizer
 
     path = train_tokenizer(
         _inputs(args.input),
@@ -99,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparselm.train.checkpoint import export_checkpoint
+    from sparselm.checkpoint.files import export_checkpoint
 
     out = export_checkpoint(args.ckpt, args.out)
     print(f"wrote {out / 'model.safetensors'} (with config.toml and tokenizer.model: a checkpoint for one process)")
@@ -107,7 +107,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load(ckpt: str):
-    from sparselm.inference import load_checkpoint
+    from sparselm.checkpoint.inference import load_checkpoint
 
     return load_checkpoint(ckpt)
 
@@ -138,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from sparselm.params import run_params
+    from sparselm.params.presets import run_params
 
     return run_params(args.preset, args.config, args.overrides, args.list, args.json)
 
@@ -357,8 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sparselm.config import ConfigError
-    from sparselm.errors import USER_ERRORS
+    from sparselm.errors import USER_ERRORS, ConfigError
 
     try:
         return args.func(args)

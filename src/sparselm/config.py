@@ -14,10 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or inconsistent with another value."""
-
+from sparselm.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto is resolved by train/precision.py
 
@@ -63,6 +60,14 @@ class MoEConfig:
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
+
+    def placement(self, n_layers: int) -> list[int]:
+        """0-based indices of the layers an MoE at ``moe_every`` replaces: every moe_every-th layer, 1-based."""
+        return [i for i in range(n_layers) if (i + 1) % self.moe_every == 0]
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """0-based indices of the layers that hold an MoE FFN (none for a dense model)."""
+        return self.placement(n_layers) if self.enabled else []
 
 
 @dataclass
@@ -325,51 +330,10 @@ def validate(cfg: Config, require_data: bool = False) -> None:
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
 
-    validate_parallel(cfg)
-
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(cfg.logging.log_every >= 1, f"logging.log_every must be >= 1, got {cfg.logging.log_every}")
     _check(cfg.logging.peak_flops >= 0, f"logging.peak_flops must be >= 0, got {cfg.logging.peak_flops}")
-
-
-def validate_parallel(cfg: Config) -> None:
-    """Checks of [parallel] that do not need the world size (sparselm.parallel.mesh checks the rest at launch)."""
-    p, m, e = cfg.parallel, cfg.model, cfg.moe
-    for name in ("dp_replicate", "tp", "ep"):
-        _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-    _check(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
-    _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    for name in ("param_dtype", "reduce_dtype"):
-        _check(getattr(p, name) in ("fp32", "bf16"), f"parallel.{name} must be fp32 or bf16, got {getattr(p, name)!r}")
-    if p.tp > 1:
-        _check(m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
-        _check(m.d_ff % p.tp == 0, f"model.d_ff={m.d_ff} is not divisible by parallel.tp={p.tp}")
-        if e.enabled:
-            d_ff_expert = e.d_ff_expert or m.d_ff
-            _check(d_ff_expert % p.tp == 0, f"moe.d_ff_expert={d_ff_expert} is not divisible by parallel.tp={p.tp}")
-        # relative/xl keep per-head tables ([buckets, n_heads], u/v [n_heads, hd]) that the TP plan does not split.
-        _check(
-            m.position in ("rope", "absolute", "none"),
-            f"parallel.tp={p.tp} supports model.position rope, absolute or none, not {m.position!r}",
-        )
-    if p.sequence_parallel:
-        _check(p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
-        seq = cfg.data.seq_len
-        _check(seq % p.tp == 0, f"data.seq_len={seq} is not divisible by parallel.tp={p.tp} (sequence parallel)")
-    if p.ep > 1:
-        _check(e.enabled, f"parallel.ep={p.ep} needs an MoE model (moe.num_experts > 0)")
-        _check(
-            e.num_experts % p.ep == 0,
-            f"moe.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}",
-        )
-        _check(p.tp == 1, f"parallel.ep={p.ep} with parallel.tp={p.tp} is not supported (choose one for the experts)")
-        if p.dp_shard != -1:
-            _check(p.dp_shard % p.ep == 0, f"parallel.dp_shard={p.dp_shard} is not divisible by parallel.ep={p.ep}")
-    if p.zero_stage == 1:
-        _check(p.param_dtype == "fp32", "parallel.param_dtype=bf16 needs parallel.zero_stage 0, 2 or 3")
-    if p.cpu_offload:
-        _check(p.zero_stage in (2, 3), f"parallel.cpu_offload needs parallel.zero_stage 2 or 3, got {p.zero_stage}")
 
 
 def to_toml(cfg: Config) -> str:

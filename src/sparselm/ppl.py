@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparselm.errors import InputError
 from sparselm.model.transformer import Transformer
 
 
@@ -40,7 +41,7 @@ def token_perplexity(
     if max_windows:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"need more than {seq_len} tokens for one window, got {len(tokens)}")
+        raise InputError(f"need more than {seq_len} tokens for one window, got {len(tokens)}")
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     total_nll, total_tokens = 0.0, 0
     starts = list(range(0, n_windows * stride, stride))

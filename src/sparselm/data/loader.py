@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sparselm.data.prepare import FORMAT_VERSION, META_FILE
+from sparselm.errors import InputError
 
 
 class TokenShards:
@@ -36,14 +37,17 @@ class TokenShards:
             raise FileNotFoundError(
                 f"{self.data_dir} is not a prepared dataset (no {META_FILE}); create it with `sparselm prepare`"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{meta_path} is not valid JSON ({exc}); re-run `sparselm prepare`") from None
         if self.meta.get("version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{meta_path}: format version {self.meta.get('version')} is not supported (expected {FORMAT_VERSION})"
             )
         splits = self.meta["splits"]
         if split not in splits:
-            raise ValueError(f"{self.data_dir} has no split {split!r}; available: {', '.join(splits)}")
+            raise InputError(f"{self.data_dir} has no split {split!r}; available: {', '.join(splits)}")
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
         self.eod_id: int = int(self.meta["eod_id"])
         self.vocab_size: int = int(self.meta["vocab_size"])
@@ -57,12 +61,12 @@ class TokenShards:
             expected = shard["tokens"] * self.dtype.itemsize
             if not path.is_file() or path.stat().st_size != expected:
                 size = path.stat().st_size if path.is_file() else "missing"
-                raise ValueError(f"{path}: expected {expected} bytes per {META_FILE}, found {size}; re-run prepare")
+                raise InputError(f"{path}: expected {expected} bytes per {META_FILE}, found {size}; re-run prepare")
             self._arrays.append(np.memmap(path, dtype=self.dtype, mode="r"))
             self._offsets.append(self._offsets[-1] + shard["tokens"])
         self.num_tokens: int = self._offsets[-1]
         if self.num_tokens == 0:
-            raise ValueError(f"split {split!r} of {self.data_dir} is empty; prepare more data or a larger val_fraction")
+            raise InputError(f"split {split!r} of {self.data_dir} is empty; prepare more data or a larger val_fraction")
 
     @property
     def tokenizer_path(self) -> Path:
@@ -94,10 +98,10 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
 
 def _check_fits(shards: TokenShards, seq_len: int) -> int:
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise InputError(f"seq_len must be >= 1, got {seq_len}")
     count = num_windows(shards.num_tokens, seq_len)
     if count == 0:
-        raise ValueError(
+        raise InputError(
             f"split {shards.split!r} has {shards.num_tokens} tokens, fewer than one window of seq_len + 1 = "
             f"{seq_len + 1}; use a shorter seq_len or more data"
         )
@@ -119,11 +123,11 @@ class BatchSampler:
         self, shards: TokenShards, seq_len: int, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
         if global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+            raise InputError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not valid for world_size {world_size}")
+            raise InputError(f"rank {rank} is not valid for world_size {world_size}")
         if global_batch_size % world_size != 0:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}")
+            raise InputError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}")
         self.shards = shards
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
@@ -183,12 +187,12 @@ class BatchSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue exactly where ``state`` was taken. The world size may differ; the data and seq_len may not."""
         if int(state["seq_len"]) != self.seq_len or int(state["num_windows"]) != self.num_windows:
-            raise ValueError(
+            raise InputError(
                 f"sampler state is for seq_len={state['seq_len']} over {state['num_windows']} windows, but this "
                 f"sampler has seq_len={self.seq_len} over {self.num_windows} windows (different data or seq_len?)"
             )
         if not 0 <= int(state["cursor"]) < self.num_windows:
-            raise ValueError(f"sampler state cursor {state['cursor']} is outside [0, {self.num_windows})")
+            raise InputError(f"sampler state cursor {state['cursor']} is outside [0, {self.num_windows})")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
@@ -203,7 +207,7 @@ def eval_batches(
     The last batch holds fewer than ``batch_size`` rows when the split runs out of windows.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     count = _check_fits(shards, seq_len)
     if max_batches is not None:
         count = min(count, max_batches * batch_size)

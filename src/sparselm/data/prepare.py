@@ -29,7 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sparselm.data.reader import Document, ReadStats, iter_documents
-from sparselm.tokenizer import ENCODE_CHUNK_CHARS, Tokenizer, split_text
+from sparselm.data.tokenizer import ENCODE_CHUNK_CHARS, Tokenizer, split_text
+from sparselm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ def prepare(
     never an error: it is counted per file in ``meta["report"]`` and logged as warnings.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+        raise InputError(f"shard_tokens must be >= 1, got {shard_tokens}")
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise InputError(f"workers must be >= 0, got {workers}")
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     tokenizer = Tokenizer.load(tokenizer_path)  # fails fast on a missing or invalid model
@@ -96,7 +97,7 @@ def prepare(
                 router.add(split, parts)
         router.finish()
         if router.documents["train"] + router.documents["val"] == 0:
-            raise ValueError(f"no documents found in {[str(p) for p in inputs]}; read report: {stats.totals()}")
+            raise InputError(f"no documents found in {[str(p) for p in inputs]}; read report: {stats.totals()}")
         shards = {split: writer.commit() for split, writer in writers.items()}
         meta = _build_meta(tokenizer, dtype, shards, router.documents, stats, inputs, val_fraction, seed, shard_tokens)
         _copy_atomic(tokenizer.path, out_dir / TOKENIZER_FILE)

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from sparselm.errors import InputError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", help="run directory or checkpoint directory to evaluate")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_compare(args.compare, args.shots, args.out or "eval_compare", args.json)
     if not args.ckpt or not args.tasks:
-        raise ValueError("sparselm eval needs --ckpt and --tasks (or --compare RUN ..., or --list)")
+        raise InputError("sparselm eval needs --ckpt and --tasks (or --compare RUN ..., or --list)")
     from sparselm.eval.harness import format_table, run_eval
 
     if args.threads > 0:

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparselm.errors import InputError
 from sparselm.eval.tasks import TaskSpec, resolve_data_path
 
 _HEADING = re.compile(r"^ = [^=].* = $")
@@ -71,7 +72,7 @@ def read_records(path: Path, fmt: str) -> list[dict | None]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text: {exc}") from exc
+        raise InputError(f"{path} is not UTF-8 text: {exc}") from exc
     if fmt == "text":
         return [{"text": text}]
     # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... which occur inside JSON strings.
@@ -190,7 +191,7 @@ def _apply_labels(spec: TaskSpec, records: list[dict | None], data_dir: Path | N
     path = resolve_data_path(spec, spec.labels, data_dir)
     labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(labels) != len(records):
-        raise ValueError(f"task {spec.name!r}: {path} has {len(labels)} labels for {len(records)} records")
+        raise InputError(f"task {spec.name!r}: {path} has {len(labels)} labels for {len(records)} records")
     for record, label in zip(records, labels, strict=True):
         if record is not None:
             record.setdefault(spec.gold_field or "label", label)

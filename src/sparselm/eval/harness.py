@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sparselm.errors import InputError
 from sparselm.eval import metrics as M
 from sparselm.eval.formats import Example, load_examples
 from sparselm.eval.loglik import Scorer
@@ -48,7 +49,7 @@ def fewshot_prefix(spec: TaskSpec, example: Example, pool: list[Example], own_po
     picks = rng.sample(range(len(pool)), min(len(pool), shots + 1))
     demos = [pool[i] for i in picks if not (own_pool and pool[i].index == example.index)][:shots]
     if len(demos) < shots:
-        raise ValueError(f"task {spec.name!r}: {shots} demonstrations requested but the pool has only {len(demos)}")
+        raise InputError(f"task {spec.name!r}: {shots} demonstrations requested but the pool has only {len(demos)}")
     return spec.fewshot_delimiter.join(d.demo for d in demos) + spec.fewshot_delimiter
 
 
@@ -90,7 +91,7 @@ def evaluate_task(
     skipped = dict(data.skipped)
     if not examples:
         reasons = ", ".join(f"{n} x {r}" for r, n in skipped.items()) or "the file holds no records"
-        raise ValueError(f"task {spec.name!r}: no usable examples ({reasons})")
+        raise InputError(f"task {spec.name!r}: no usable examples ({reasons})")
     if spec.kind == "perplexity":
         shots = 0
     own_pool = not spec.fewshot_data
@@ -108,7 +109,7 @@ def evaluate_task(
     finally:
         bar.close()
     if not scored[0]:
-        raise ValueError(f"task {spec.name!r}: no example fits the model's context")
+        raise InputError(f"task {spec.name!r}: no example fits the model's context")
     return TaskResult(
         spec.name,
         spec.kind,
@@ -209,15 +210,15 @@ def run_eval(
     """Load a checkpoint, score every task, write JSON + Markdown. Returns (results, meta, (json, md) paths)."""
     from datetime import UTC, datetime
 
+    from sparselm.checkpoint.files import resolve_checkpoint
+    from sparselm.checkpoint.inference import load_checkpoint
     from sparselm.eval.tasks import load_task, resolve_data_dir
-    from sparselm.inference import load_checkpoint
-    from sparselm.train.checkpoint import resolve_checkpoint
 
     if shots < 0 or limit < 0:
-        raise ValueError(f"--shots and --limit must be >= 0, got {shots}, {limit}")
+        raise InputError(f"--shots and --limit must be >= 0, got {shots}, {limit}")
     specs = [load_task(t) for t in tasks]  # fail on a bad task name before loading anything heavy
     if len({s.name for s in specs}) != len(specs):
-        raise ValueError(f"a task is listed twice: {', '.join(s.name for s in specs)}")
+        raise InputError(f"a task is listed twice: {', '.join(s.name for s in specs)}")
     data = resolve_data_dir(data_dir)
     ckpt_dir = resolve_checkpoint(ckpt)
     model, _, tokenizer = load_checkpoint(ckpt_dir)
@@ -321,8 +322,8 @@ def read_results(path: str | Path) -> tuple[dict, list[TaskResult]]:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable results file: {exc}") from exc
+        raise InputError(f"{path}: not a readable results file: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a sparselm eval results file (schema {SCHEMA})")
+        raise InputError(f"{path}: not a sparselm eval results file (schema {SCHEMA})")
     results = [TaskResult(**r) for r in payload.pop("results")]
     return payload, results

@@ -31,6 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from tqdm import tqdm
 
+from sparselm.errors import InputError
 from sparselm.eval.loglik import Scorer
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _int_arg(value: object, name: str, default: int) -> int:
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"sparselm adapter: {name} must be an integer, got {value!r}") from exc
+        raise InputError(f"sparselm adapter: {name} must be an integer, got {value!r}") from exc
 
 
 @register_model("sparselm")
@@ -63,8 +64,8 @@ class SparseLM(LM):
     ) -> None:
         super().__init__()
         if not ckpt:
-            raise ValueError("sparselm adapter: pass --model_args ckpt=RUN_OR_CHECKPOINT_DIR")
-        from sparselm.inference import load_checkpoint
+            raise InputError("sparselm adapter: pass --model_args ckpt=RUN_OR_CHECKPOINT_DIR")
+        from sparselm.checkpoint.inference import load_checkpoint
 
         if _int_arg(threads, "threads", 0) > 0:
             torch.set_num_threads(_int_arg(threads, "threads", 0))
@@ -107,7 +108,7 @@ class SparseLM(LM):
         out = []
         for pair, result in zip(pairs, results, strict=True):
             if not result.ok:
-                raise ValueError(
+                raise InputError(
                     f"sparselm adapter: a continuation of {result.tokens} tokens does not fit "
                     f"max_seq_len={self.scorer.max_len}: {pair[1][:60]!r}"
                 )
@@ -134,7 +135,7 @@ class SparseLM(LM):
             _, kwargs = req.args[:2]
             kwargs = dict(kwargs or {})
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-                raise ValueError("sparselm adapter: generate_until supports greedy decoding only (do_sample=False)")
+                raise InputError("sparselm adapter: generate_until supports greedy decoding only (do_sample=False)")
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_gen = _int_arg(kwargs.get("max_gen_toks"), "max_gen_toks", DEFAULT_MAX_GEN_TOKENS)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sparselm.errors import InputError
 from sparselm.model.generate import SamplingConfig, generate, left_pad
 from sparselm.model.generate import Tokenizer as TokenizerLike
 from sparselm.model.transformer import Transformer
@@ -48,7 +49,7 @@ def autocast_context(precision: str, device_type: str = "cpu") -> contextlib.Abs
     if precision == "bf16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     if precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
     return contextlib.nullcontext()
 
 
@@ -64,7 +65,7 @@ class Scorer:
         max_batch_tokens: int = 8192,
     ) -> None:
         if batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
+            raise InputError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
         autocast_context(precision)  # validate early
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -102,7 +103,7 @@ class Scorer:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context, continuation) in enumerate(requests):
             if not continuation:
-                raise ValueError(f"request {i}: the continuation encodes to no tokens")
+                raise InputError(f"request {i}: the continuation encodes to no tokens")
             if len(continuation) > self.max_len:
                 results[i] = LoglikResult(float("nan"), False, len(continuation), ok=False)
                 if progress:
@@ -206,7 +207,7 @@ class Scorer:
         """
         stride = stride or self.max_len
         if not 1 <= stride <= self.max_len:
-            raise ValueError(f"stride must be in [1, max_seq_len={self.max_len}], got {stride}")
+            raise InputError(f"stride must be in [1, max_seq_len={self.max_len}], got {stride}")
         seq = [self.eod_id, *tokens]
         windows = []
         start = 1  # first target not yet predicted
@@ -259,7 +260,7 @@ class Scorer:
         Returns (text, prompt tokens dropped on the left to leave room for ``max_gen_tokens``).
         """
         if not 1 <= max_gen_tokens < self.max_len:
-            raise ValueError(f"max_gen_tokens must be in [1, max_seq_len={self.max_len}), got {max_gen_tokens}")
+            raise InputError(f"max_gen_tokens must be in [1, max_seq_len={self.max_len}), got {max_gen_tokens}")
         encoded = []
         for prompt in prompts:
             ids = list(self.tokenizer.encode(prompt)) or [self.eod_id]

@@ -20,6 +20,8 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 
+from sparselm.errors import InputError
+
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -28,7 +30,7 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and its standard error (sample standard deviation / sqrt(n)); no standard error for n < 2."""
     n = len(values)
     if n == 0:
-        raise ValueError("mean of no values")
+        raise InputError("mean of no values")
     mean = math.fsum(values) / n
     if n < 2:
         return mean, None
@@ -48,7 +50,7 @@ def argmax(values: Sequence[float]) -> int:
 def choice_predictions(logprobs: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
     """(prediction by summed log-likelihood, prediction by log-likelihood per character of the choice text)."""
     if len(logprobs) != len(choices) or not choices:
-        raise ValueError(f"{len(logprobs)} scores for {len(choices)} choices")
+        raise InputError(f"{len(logprobs)} scores for {len(choices)} choices")
     # An empty choice would divide by zero; lm-eval would produce inf/nan there. Count it as one character.
     per_char = [lp / max(len(c), 1) for lp, c in zip(logprobs, choices, strict=True)]
     return argmax(logprobs), argmax(per_char)
@@ -64,7 +66,7 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     """1.0 if the normalised prediction equals any normalised reference answer."""
     if not answers:
-        raise ValueError("exact_match needs at least one reference answer")
+        raise InputError("exact_match needs at least one reference answer")
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(a) for a in answers))
 
@@ -85,7 +87,7 @@ def _f1(prediction_tokens: list[str], answer_tokens: list[str]) -> float:
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
     """Best bag-of-tokens F1 of the normalised prediction against any normalised reference answer."""
     if not answers:
-        raise ValueError("token_f1 needs at least one reference answer")
+        raise InputError("token_f1 needs at least one reference answer")
     pred = normalize_answer(prediction).split()
     return max(_f1(pred, normalize_answer(a).split()) for a in answers)
 
@@ -107,7 +109,7 @@ def corpus_perplexities(logprob_sum: float, tokens: int, words: int, n_bytes: in
     tokenizers only at the word and byte level.
     """
     if tokens <= 0 or words <= 0 or n_bytes <= 0:
-        raise ValueError(f"perplexity needs positive counts, got tokens={tokens} words={words} bytes={n_bytes}")
+        raise InputError(f"perplexity needs positive counts, got tokens={tokens} words={words} bytes={n_bytes}")
     nll = -logprob_sum
     return {
         "token_perplexity": _safe_exp(nll / tokens),

@@ -24,7 +24,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sparselm.config import ConfigError
+from sparselm.errors import ConfigError, InputError
 
 BUILTIN_DIR = Path(__file__).with_name("tasks")
 DATA_ENV = "SPARSELM_EVAL_DATA"
@@ -166,7 +166,7 @@ def load_task(name_or_path: str) -> TaskSpec:
     builtin = BUILTIN_DIR / f"{name_or_path}.toml"
     if builtin.is_file():
         return task_from_file(builtin)
-    raise ValueError(
+    raise InputError(
         f"unknown task {name_or_path!r}: give a task file (.toml/.yaml) or one of {', '.join(builtin_tasks())}"
     )
 

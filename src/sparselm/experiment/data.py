@@ -90,7 +90,7 @@ def prepare_dataset(
     settings; otherwise it is an error rather than a silent mix of two datasets.
     """
     from sparselm.data.prepare import prepare
-    from sparselm.tokenizer import train_tokenizer
+    from sparselm.data.tokenizer import train_tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = find_text_files(inputs)

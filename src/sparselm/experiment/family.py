@@ -12,7 +12,7 @@ import copy
 from dataclasses import dataclass, field
 
 from sparselm.config import Config, validate
-from sparselm.params import count_params, flops_per_token
+from sparselm.params.counting import count_params, flops_per_token
 
 # name -> (d_model, n_layers, n_heads, peak learning rate). Smaller models take a larger learning rate, as in the
 # GPT-3 / Gopher tables; the MoE models use S's.
@@ -144,7 +144,8 @@ def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
     MoE model reaches dense-M's loss within half of dense-M's FLOPs, which the family's equal-token runs cannot.
     ``optim.warmup_steps``, which the experiment otherwise sets to 10% of the steps, is also kept if a variant sets it.
     """
-    from sparselm.config import ConfigError, apply_overrides
+    from sparselm.config import apply_overrides
+    from sparselm.errors import ConfigError
 
     base_slug, sep, rest = text.partition(":")
     overrides = [item.strip() for item in rest.split(",") if item.strip()]

@@ -195,7 +195,7 @@ class StageClock:
 
 def train_run(run: RunSpec, steps: int, opts: ExperimentOptions, run_dir: Path) -> bool:
     """Train (or finish training) one run; False if it was already trained."""
-    from sparselm.train.checkpoint import latest_checkpoint
+    from sparselm.checkpoint.files import latest_checkpoint
     from sparselm.train.trainer import train
 
     cfg = run.cfg
@@ -317,10 +317,10 @@ def collect_run(run: RunSpec, run_dir: Path, steps: int) -> dict[str, Any]:
 def _flops_share(run: RunSpec, train_flops_per_token: int) -> dict[str, Any]:
     """Shares of a token's training FLOPs in the FFNs an MoE run replaces (every ``moe_every``-th layer; for a dense
     run, the FFNs an MoE at that placement would replace) and in the output layer: what experts could change."""
-    from sparselm.params import ffn_params, moe_placement
+    from sparselm.params.counting import ffn_params
 
     m = run.cfg.model
-    replaced = moe_placement(m.n_layers, run.cfg.moe.moe_every)
+    replaced = run.cfg.moe.placement(m.n_layers)
     ffn_matmul = ffn_params(m.d_model, m.d_ff, m.ffn, m.bias)[0]
     return {
         "replaced_ffn_layers": len(replaced),

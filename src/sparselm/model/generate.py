@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from sparselm.errors import InputError
 from sparselm.model.transformer import Transformer
 
 
@@ -52,22 +53,22 @@ class SamplingConfig:
         for name in ("max_new_tokens", "top_k", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"SamplingConfig.{name} must be an integer, got {value!r}")
+                raise InputError(f"SamplingConfig.{name} must be an integer, got {value!r}")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"SamplingConfig.{name} must be a finite number, got {value!r}")
+                raise InputError(f"SamplingConfig.{name} must be a finite number, got {value!r}")
         for name in ("greedy", "stop_on_eod"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SamplingConfig.{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputError(f"SamplingConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.max_new_tokens < 0:
-            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InputError(f"SamplingConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise InputError(f"SamplingConfig.temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise InputError(f"SamplingConfig.top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def is_greedy(self) -> bool:
@@ -129,17 +130,17 @@ def left_pad(
 def _check_prompts(model: Transformer, prompts: list[list[int]]) -> list[int]:
     """Validate prompts against the model and return each prompt's budget of new tokens (before max_new_tokens)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+        raise InputError("prompts must be a non-empty list of token-id lists")
     vocab, max_len = model.cfg.vocab_size, model.cfg.max_seq_len
     budgets = []
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's eod id)")
+            raise InputError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's eod id)")
         bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]!r} outside [0, model.vocab_size={vocab})")
+            raise InputError(f"prompt {i} has token id {bad[0]!r} outside [0, model.vocab_size={vocab})")
         if len(prompt) >= max_len:
-            raise ValueError(
+            raise InputError(
                 f"prompt {i} has {len(prompt)} tokens but model.max_seq_len={max_len}: "
                 f"no room for a new token (prompts must be shorter than max_seq_len)"
             )
@@ -286,7 +287,7 @@ def generate_text(
         ids = list(tokenizer.encode(text))
         if not ids:
             if eod_id is None:
-                raise ValueError(f"prompt {i} encodes to no tokens and the tokenizer has no eod_id to start from")
+                raise InputError(f"prompt {i} encodes to no tokens and the tokenizer has no eod_id to start from")
             ids = [eod_id]
         encoded.append(ids)
     outputs = generate(model, encoded, cfg, eod_id=eod_id, use_cache=use_cache)

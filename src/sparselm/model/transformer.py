@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sparselm.config import ModelConfig, MoEConfig
+from sparselm.errors import InputError
 from sparselm.model.attention import Attention, KVCache
 from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
 from sparselm.model.moe import MoE, MoEStats
@@ -92,14 +93,12 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "absolute" else None
         self.rel_bias = nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.position == "relative" else None
-        self.layers = nn.ModuleList(Block(cfg, moe, self.is_moe_layer(i)) for i in range(cfg.n_layers))
+        moe_layers = set(moe.layer_indices(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, moe, i in moe_layers) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.init_weights()
-
-    def is_moe_layer(self, index: int) -> bool:
-        return self.moe_cfg.enabled and (index + 1) % self.moe_cfg.moe_every == 0
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -155,7 +154,7 @@ class Transformer(nn.Module):
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
         if int(positions.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise InputError(f"position {int(positions.max())} exceeds model.max_seq_len={self.cfg.max_seq_len}")
 
         x = self.tok_emb(idx)
         if self.pos_emb is not None:

@@ -1,82 +1,22 @@
-"""The layout of a job (how its ranks split the work) and the DeviceMesh that carries it.
+"""The DeviceMesh that carries a job's layout (``sparselm.parallel.layout``), and the device of this process.
 
-world size = dp_replicate x dp_shard x tp, and expert parallelism borrows its ranks from dp_shard
-(dp_shard = dp_shard_mod_ep x ep), as in torchtitan. The root mesh has the four named dims
-``("dp_replicate", "dp_shard_mod_ep", "ep", "tp")`` with tp fastest, so tensor-parallel peers are neighbouring
-ranks (the same node under torchrun) and the all-to-all of expert parallelism is the next closest. Flattened views
-give the other groups the code needs:
+The root mesh has the four named dims ``("dp_replicate", "dp_shard_mod_ep", "ep", "tp")`` with tp fastest, so
+tensor-parallel peers are neighbouring ranks (the same node under torchrun) and the all-to-all of expert parallelism
+is the next closest. Flattened views give the other groups the code needs:
 
 - ``dp_shard`` = dp_shard_mod_ep x ep: ranks that shard the non-expert ZeRO state (FSDP's shard dim);
 - ``dp`` = dp_replicate x dp_shard: every data-parallel rank (the batch split, loss averaging);
 - ``expert_dp`` = dp_replicate x dp_shard_mod_ep: ranks holding copies of the same experts.
-
-Every check raises ``ConfigError`` with one line naming the fields, before any model is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from sparselm.config import Config, ConfigError
+from sparselm.parallel.layout import Layout
 
 MESH_DIMS = ("dp_replicate", "dp_shard_mod_ep", "ep", "tp")
-
-
-@dataclass(frozen=True)
-class Layout:
-    world_size: int
-    dp_replicate: int
-    dp_shard: int
-    tp: int
-    ep: int
-    zero_stage: int
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel degree: how many ways the global batch is split."""
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def dp_shard_mod_ep(self) -> int:
-        return self.dp_shard // self.ep
-
-    @property
-    def expert_dp(self) -> int:
-        """Copies of each expert: the data-parallel ranks that do not split the experts among themselves."""
-        return self.dp_replicate * self.dp_shard_mod_ep
-
-    def describe(self) -> str:
-        parts = [f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}", f"tp={self.tp}", f"ep={self.ep}"]
-        return f"{self.world_size} ranks: " + " x ".join(parts[:3]) + f", {parts[3]}, zero_stage={self.zero_stage}"
-
-
-def resolve_layout(cfg: Config, world_size: int) -> Layout:
-    """Fill in ``dp_shard=-1`` and check that the world size factors into the requested layout."""
-    p, t = cfg.parallel, cfg.train
-    if world_size % (p.dp_replicate * p.tp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.dp_replicate={p.dp_replicate} x parallel.tp={p.tp}"
-        )
-    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // (p.dp_replicate * p.tp)
-    if p.dp_replicate * dp_shard * p.tp != world_size:
-        raise ConfigError(
-            f"parallel.dp_replicate={p.dp_replicate} x parallel.dp_shard={dp_shard} x parallel.tp={p.tp} = "
-            f"{p.dp_replicate * dp_shard * p.tp} ranks, but the world size is {world_size}"
-        )
-    if dp_shard % p.ep != 0:
-        raise ConfigError(
-            f"parallel.ep={p.ep} does not divide parallel.dp_shard={dp_shard} (expert parallelism uses dp_shard ranks)"
-        )
-    layout = Layout(world_size, p.dp_replicate, dp_shard, p.tp, p.ep, p.zero_stage)
-    if t.global_batch_size % (layout.dp * t.micro_batch_size) != 0:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by {layout.dp} data-parallel ranks x "
-            f"train.micro_batch_size={t.micro_batch_size}"
-        )
-    return layout
 
 
 class ParallelDims:

@@ -22,7 +22,8 @@ from sparselm.model.moe import MoE
 from sparselm.parallel.data_parallel import DTYPES, apply_data_parallel, set_gradient_sync
 from sparselm.parallel.expert_parallel import ParallelExperts, apply_expert_parallel
 from sparselm.parallel.launch import DistEnv
-from sparselm.parallel.mesh import Layout, ParallelDims, resolve_layout
+from sparselm.parallel.layout import Layout, resolve_layout
+from sparselm.parallel.mesh import ParallelDims
 from sparselm.parallel.tensor_parallel import apply_tensor_parallel
 from sparselm.parallel.zero1 import ZeroStage1
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparselm.config import ConfigError
+from sparselm.errors import ConfigError
 from sparselm.pipeline.filters import FILTERS, expand_filter_names
 from sparselm.pipeline.quality import SELECTION_MODES
 from sparselm.pipeline.sources import EXTRACTORS, FORMATS

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any, TypeVar
 
+from sparselm.errors import InputError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -74,7 +76,7 @@ class DaskExecutor:
         try:
             from dask.distributed import Client, LocalCluster
         except ImportError as exc:
-            raise ValueError("run.executor = 'dask' needs dask.distributed: pip install 'sparselm[pipeline]'") from exc
+            raise InputError("run.executor = 'dask' needs dask.distributed: pip install 'sparselm[pipeline]'") from exc
         self.cluster = None
         if address:
             self.client = Client(address)
@@ -109,5 +111,5 @@ def make_executor(kind: str, workers: int, address: str = "", **options: Any) ->
     if kind == "dask":
         return DaskExecutor(workers, address, **options)
     if kind != "local":
-        raise ValueError(f"unknown executor {kind!r} (expected local or dask)")
+        raise InputError(f"unknown executor {kind!r} (expected local or dask)")
     return InlineExecutor() if workers <= 1 else LocalExecutor(workers)

@@ -28,6 +28,8 @@ from functools import cached_property
 
 import numpy as np
 
+from sparselm.errors import InputError
+
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "-", "*", "‣", "◦", "·", "–", "—", "▪", "●", "○", "■", "□", "➢", "→")
 _ALPHA = re.compile(r"[^\W\d_]")
@@ -299,7 +301,7 @@ def expand_filter_names(names: list[str]) -> list[str]:
             members = [name]
         else:
             known = ", ".join(["all", *GROUPS, *FILTERS])
-            raise ValueError(f"unknown filter {name!r} (known: {known})")
+            raise InputError(f"unknown filter {name!r} (known: {known})")
         for member in members:
             if negate and member in out:
                 out.remove(member)

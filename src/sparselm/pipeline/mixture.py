@@ -37,6 +37,7 @@ from sparselm.data.prepare import (
     token_dtype,
 )
 from sparselm.data.reader import ReadStats
+from sparselm.errors import InputError
 
 
 @dataclass
@@ -87,7 +88,7 @@ def plan_targets(mixes: list[SourceMix], total_tokens: int, max_epochs: float) -
     if total_tokens > 0:
         budget = total_tokens - fixed
         if weighted and budget <= 0:
-            raise ValueError(
+            raise InputError(
                 f"mixture.total_tokens={total_tokens} leaves nothing for the weighted sources: the epoch-based "
                 f"sources already take {fixed:,.0f} tokens"
             )
@@ -162,7 +163,7 @@ def build_mixture(
     if len(kept_ids) >= 2 and is_val[kept_ids].all():
         is_val[kept_ids[np.argmax(catalog.val[kept_ids])]] = False
     if len(kept_ids) == 0:
-        raise ValueError("no document survived the pipeline: nothing to write (see the report for why)")
+        raise InputError("no document survived the pipeline: nothing to write (see the report for why)")
     mixes = []
     for index, (name, weight, epochs) in enumerate(sources):
         mine = kept & (catalog.source == index)

@@ -99,7 +99,7 @@ _CACHE: dict[tuple[str, str], Any] = {}  # per worker process: tokenizers and mo
 def _cached(kind: str, path: str) -> Any:
     if (kind, path) not in _CACHE:
         if kind == "tokenizer":
-            from sparselm.tokenizer import Tokenizer
+            from sparselm.data.tokenizer import Tokenizer
 
             _CACHE[(kind, path)] = Tokenizer.load(path)
         elif kind == "model":

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from sparselm.errors import InputError
+
 FORMAT = "sparselm-quality"
 VERSION = 2  # 2 added the optional fold models of cross-fitting; version 1 files (no folds) still load
 SELECTION_MODES = ("none", "threshold", "pareto")
@@ -195,18 +197,18 @@ class QualityModel:
                 coef, intercept = data["coef"], float(data["intercept"][0])
                 folds = (data["fold_coef"], data["fold_intercept"]) if "fold_coef" in data.files else None
         except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path} is not a sparselm quality model: {exc}") from None
+            raise InputError(f"{path} is not a sparselm quality model: {exc}") from None
         if header.get("format") != FORMAT or header.get("version") not in (1, VERSION):
-            raise ValueError(f"{path}: unsupported quality model format {header.get('format')}/{header.get('version')}")
+            raise InputError(f"{path}: unsupported quality model format {header.get('format')}/{header.get('version')}")
         settings = FeatureSettings(**header.pop("settings"))
         if coef.shape != (settings.n_features,):
-            raise ValueError(f"{path}: coefficient shape {coef.shape} does not match n_features={settings.n_features}")
+            raise InputError(f"{path}: coefficient shape {coef.shape} does not match n_features={settings.n_features}")
         crossfit = None
         fold_header = header.pop("crossfit", None)
         if folds is not None and fold_header is not None:
             fold_coef, fold_intercept = folds
             if fold_coef.shape != (len(fold_intercept), settings.n_features):
-                raise ValueError(f"{path}: fold coefficient shape {fold_coef.shape} does not match its intercepts")
+                raise InputError(f"{path}: fold coefficient shape {fold_coef.shape} does not match its intercepts")
             crossfit = CrossFit(fold_coef, fold_intercept, int(fold_header["seed"]), tuple(fold_header["sources"]))
         for key in ("format", "version"):
             header.pop(key)
@@ -333,14 +335,14 @@ def train_classifier(
     for label in (0, 1):
         if label not in train_y or label not in held_y:
             kind = "positive" if label else "negative"
-            raise ValueError(f"no {kind} training or held-out passages: give more {kind} documents")
+            raise InputError(f"no {kind} training or held-out passages: give more {kind} documents")
     y_train = np.array(train_y)
     fold_ids = np.array([fold for _, fold in train])
     folds = settings.folds if settings.folds >= 2 else 0
     subsets: list[np.ndarray | None] = [None] + [np.flatnonzero(fold_ids != f) for f in range(folds)]
     for f, rows in enumerate(subsets[1:]):
         if len(np.unique(y_train[rows])) < 2:
-            raise ValueError(
+            raise InputError(
                 f"cross-fitting: without fold {f} there are no positive or no negative training passages; "
                 "give more documents or turn cross-fitting off (folds = 0)"
             )

@@ -286,9 +286,9 @@ def run_pipeline(
     cfg: PipelineConfig, *, command: str = "", report_path: str | Path | None = None, executor: Any = None
 ) -> dict[str, Any]:
     """Run every stage; returns the summary (also written to ``OUT/summary.json``) and writes the report."""
+    from sparselm.data.tokenizer import Tokenizer
     from sparselm.pipeline.report import write_report
     from sparselm.pipeline.summary import summarize
-    from sparselm.tokenizer import Tokenizer
 
     started = time.time()
     out = Path(cfg.run.out)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from sparselm.config import PRECISIONS
+from sparselm.errors import InputError
 
 
 @functools.cache
@@ -45,7 +46,7 @@ def resolve_precision(requested: str, device: torch.device, warn: Callable[[str]
     """``requested`` (auto | bf16 | fp32) -> the precision to compute in (bf16 | fp32). An explicit bf16 is kept
     but ``warn`` is told when it will be slow, so that a config written for a GPU still means what it says."""
     if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "fp32":
         return "fp32"
     fast = bf16_is_fast(device)

@@ -21,16 +21,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sparselm.config import Config, ConfigError, to_toml, validate
+from sparselm.checkpoint.files import latest_checkpoint, load_training_state, save_checkpoint
+from sparselm.config import Config, to_toml, validate
 from sparselm.data.loader import BatchSampler, TokenShards, eval_batches
-from sparselm.errors import TrainingStopped
+from sparselm.errors import ConfigError, TrainingStopped
 from sparselm.model.transformer import Transformer
 from sparselm.parallel.launch import DistEnv, init_distributed, shutdown
+from sparselm.parallel.layout import validate_parallel
 from sparselm.parallel.mesh import default_device
 from sparselm.parallel.runtime import ParallelRuntime
 from sparselm.parallel.zero1 import ZeroStage1
-from sparselm.params import flops_per_token
-from sparselm.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from sparselm.params.counting import flops_per_token
 from sparselm.train.metrics import MetricsLogger, format_expert_load, measure_peak_flops
 from sparselm.train.optim import build_optimizer, build_scheduler
 from sparselm.train.precision import resolve_precision
@@ -152,6 +153,7 @@ def train(
     """Train (or continue) a run. Under torchrun with several workers this joins the process group, lays the model
     out as ``[parallel]`` says and leaves the group at the end; alone, ``[parallel]`` is ignored."""
     validate(cfg, require_data=True)
+    validate_parallel(cfg)
     env = init_distributed()
     try:
         result = _train(cfg, Path(run_dir), resume, after_backward, env)
@@ -260,7 +262,7 @@ def _train(
     result = TrainResult(run_dir, start_step)
     micro_steps = t.global_batch_size // (dp_size * t.micro_batch_size)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    num_moe = sum(model.is_moe_layer(i) for i in range(cfg.model.n_layers))
+    num_moe = len(cfg.moe.layer_indices(cfg.model.n_layers))
     load_window = torch.zeros(num_moe, max(cfg.moe.num_experts, 1), dtype=torch.float64)
     dropped_window, assigned_window = 0, 0
     bad_streak = 0

@@ -8,7 +8,7 @@ Layout of ``RUN_DIR/checkpoints/step_00000100/`` written by a single process:
 - ``config.toml`` and ``tokenizer.model``: everything needed to use the checkpoint on its own.
 
 A parallel job (torchrun) writes ``dcp/`` instead of the first three: a ``torch.distributed.checkpoint`` of model
-and optimizer state with global shapes, each rank writing its own shard (see sparselm.parallel.checkpoint), and
+and optimizer state with global shapes, each rank writing its own shard (see sparselm.checkpoint.sharded), and
 puts the scheduler state in ``trainer_state.json``. Either format resumes in any layout, including one process;
 ``sparselm export`` turns a ``dcp/`` checkpoint into a single ``model.safetensors``.
 
@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparselm.config import Config, ConfigError, load_config, to_toml
-from sparselm.errors import CheckpointError
+from sparselm.config import Config, load_config, to_toml
+from sparselm.errors import CheckpointError, ConfigError
 
 DCP_DIR = "dcp"  # sharded (torch.distributed.checkpoint) model + optimizer state inside a step_* directory
 
@@ -52,9 +52,9 @@ def is_dcp_checkpoint(ckpt: Path) -> bool:
 
 def _sharded():
     # Imported on use: torch.distributed.checkpoint is not needed to read single-process checkpoints.
-    from sparselm.parallel import checkpoint
+    from sparselm.checkpoint import sharded
 
-    return checkpoint
+    return sharded
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

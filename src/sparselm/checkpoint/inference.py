@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparselm.checkpoint.files import load_config_from_checkpoint, load_model_weights, resolve_checkpoint
+from sparselm.data.tokenizer import Tokenizer
 from sparselm.errors import CheckpointError
 from sparselm.model.transformer import Transformer
-from sparselm.tokenizer import Tokenizer
-from sparselm.train.checkpoint import load_config_from_checkpoint, load_model_weights, resolve_checkpoint
 
 
 def load_checkpoint(path: str | Path) -> tuple[Transformer, object, Tokenizer]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from sparselm.data.reader import ReadStats, iter_documents
+from sparselm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def split_text(text: str, max_chars: int) -> Iterator[str]:
     exactly at ``max_chars``. Each step looks at one window only, so the total cost is linear in ``len(text)``.
     """
     if max_chars < 2:
-        raise ValueError(f"max_chars must be >= 2, got {max_chars}")
+        raise InputError(f"max_chars must be >= 2, got {max_chars}")
     start, n = 0, len(text)
     while n - start > max_chars:
         limit = start + max_chars
@@ -102,19 +103,19 @@ def train_tokenizer(
     training stops early instead of failing (check ``Tokenizer.vocab_size``). Returns the ``.model`` path.
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        raise InputError(f"unknown model_type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
     minimum = min_vocab_size(byte_fallback)
     if vocab_size < minimum:
-        raise ValueError(
+        raise InputError(
             f"vocab_size={vocab_size} is too small: at least {minimum} is needed "
             f"({NUM_SPECIAL} special pieces{f' + {NUM_BYTE_PIECES} byte pieces' if byte_fallback else ''} + characters)"
         )
     if max_sentence_chars < 2:
-        raise ValueError(f"max_sentence_chars must be >= 2, got {max_sentence_chars}")
+        raise InputError(f"max_sentence_chars must be >= 2, got {max_sentence_chars}")
     if input_sentence_size < 1:
-        raise ValueError(f"input_sentence_size must be >= 1, got {input_sentence_size}")
+        raise InputError(f"input_sentence_size must be >= 1, got {input_sentence_size}")
     if not 0.0 < character_coverage <= 1.0:
-        raise ValueError(f"character_coverage must be in (0, 1], got {character_coverage}")
+        raise InputError(f"character_coverage must be in (0, 1], got {character_coverage}")
 
     if isinstance(inputs, str | Path):
         inputs = [inputs]
@@ -123,7 +124,7 @@ def train_tokenizer(
     sentences = iter_training_sentences(inputs, max_sentence_chars, stats, text_field)
     first = next(sentences, None)
     if first is None:
-        raise ValueError(f"no text found in {[str(p) for p in inputs]} to train a tokenizer on")
+        raise InputError(f"no text found in {[str(p) for p in inputs]} to train a tokenizer on")
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -202,9 +203,11 @@ class Tokenizer:
         try:
             processor.Load(str(path))
         except (OSError, RuntimeError) as exc:
-            raise ValueError(f"{path} is not a SentencePiece model: {exc}") from exc
+            raise InputError(f"{path} is not a SentencePiece model: {exc}") from exc
         if processor.get_piece_size() <= EOS_ID or processor.eos_id() < 0:
-            raise ValueError(f"{path} has no end-of-sequence piece; train it with sparselm.tokenizer.train_tokenizer")
+            raise InputError(
+                f"{path} has no end-of-sequence piece; train it with sparselm.data.tokenizer.train_tokenizer"
+            )
         return cls(processor, path)
 
     @property
