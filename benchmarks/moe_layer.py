@@ -33,7 +33,7 @@ from torch import nn
 
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
-from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
+from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"

@@ -22,9 +22,8 @@ import torch
 
 from sparselm.config import Config, apply_overrides, load_config
 from sparselm.params.counting import count_params, flops_per_token
-from sparselm.train.metrics import measure_peak_flops
+from sparselm.precision import bf16_is_fast, cpu_speeds_sentence, measure_matmul_flops
 from sparselm.train.optim import build_optimizer
-from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
 from sparselm.train.trainer import build_model, forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +88,7 @@ def main() -> None:
     steps, warmup = (2, 1) if args.quick else (args.steps, 2)
     precisions, skipped = _precisions(args.precisions)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: measure_peak_flops(dtypes[p], 2048, 2.0) for p in precisions}
+    peaks = {p: measure_matmul_flops(dtypes[p], 2048, 2.0) for p in precisions}
     rows = []
     for name in args.cases.split(","):
         if name not in CASES:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from sparselm.train.precision import bf16_is_fast
+from sparselm.precision import bf16_is_fast
 
 REPO = Path(__file__).resolve().parents[1]
 

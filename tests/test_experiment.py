@@ -15,7 +15,7 @@ from sparselm.experiment.analysis import compute_saving, family_flops_to_reach, 
 from sparselm.experiment.family import build_family
 from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
 from sparselm.experiment.report import _experts_alone
-from sparselm.train.precision import resolve_precision
+from sparselm.precision import resolve_precision
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -386,7 +386,7 @@ def test_two_rank_layouts_match_single_process(job2: dict, golden: dict) -> None
 def test_two_ranks_agree_on_precision_auto(job2: dict, golden: dict) -> None:
     """Both ranks resolve auto the same way (an all-reduce makes sure), record it, and train what one process
     trains in that precision."""
-    from sparselm.train.precision import resolve_precision
+    from sparselm.precision import resolve_precision
 
     resolved = load_config(job2["out"] / "auto-z1-moe" / "config.toml").train.precision
     assert resolved == resolve_precision("auto", torch.device("cpu"))

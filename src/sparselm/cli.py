@@ -113,11 +113,8 @@ def _load(ckpt: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import contextlib
-
-    import torch
-
     from sparselm.model.generate import SamplingConfig, generate_text
+    from sparselm.precision import autocast
 
     model, cfg, tokenizer = _load(args.ckpt)
     sampling = SamplingConfig(
@@ -128,8 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         greedy=args.greedy,
         seed=args.seed,
     )
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext()
-    with amp:
+    with autocast(args.precision, model.tok_emb.weight.device):
         outputs = generate_text(model, tokenizer, args.prompt, sampling)
     for prompt, text in zip(args.prompt, outputs, strict=True):
         print(f"--- prompt: {prompt!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from tqdm import tqdm
 
 from sparselm.errors import InputError
 from sparselm.model.transformer import Transformer
+from sparselm.precision import autocast
 
 
 @dataclass
@@ -42,13 +42,12 @@ def token_perplexity(
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise InputError(f"need more than {seq_len} tokens for one window, got {len(tokens)}")
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     total_nll, total_tokens = 0.0, 0
     starts = list(range(0, n_windows * stride, stride))
     for i in tqdm(range(0, len(starts), batch_size), desc="ppl", unit="batch", disable=not progress):
         chunk = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch_size]])
         batch = torch.from_numpy(chunk)
-        with amp:
+        with autocast(precision, batch.device):
             out = model(batch[:, :-1], batch[:, 1:])
         total_nll += out.loss.item() * batch[:, 1:].numel()
         total_tokens += batch[:, 1:].numel()

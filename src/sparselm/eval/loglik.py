@@ -23,7 +23,6 @@ caps the [rows, length, vocab] logits tensor.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from sparselm.errors import InputError
 from sparselm.model.generate import SamplingConfig, generate, left_pad
 from sparselm.model.generate import Tokenizer as TokenizerLike
 from sparselm.model.transformer import Transformer
+from sparselm.precision import autocast
 
 
 @dataclass
@@ -43,14 +43,6 @@ class LoglikResult:
     tokens: int  # continuation tokens scored
     truncated: int = 0  # context tokens dropped on the left to fit the model
     ok: bool = True  # False: the continuation alone does not fit the model; logprob is meaningless
-
-
-def autocast_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise InputError(f"precision must be fp32 or bf16, got {precision!r}")
-    return contextlib.nullcontext()
 
 
 class Scorer:
@@ -66,7 +58,7 @@ class Scorer:
     ) -> None:
         if batch_size < 1 or max_batch_tokens < 1:
             raise InputError(f"batch_size and max_batch_tokens must be >= 1, got {batch_size}, {max_batch_tokens}")
-        autocast_context(precision)  # validate early
+        autocast(precision, model.tok_emb.weight.device)  # validate early
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -157,7 +149,7 @@ class Scorer:
         ctx_width = max(len(c) for c in contexts)
         cont_width = max(len(c) for c in conts) - 1  # the last continuation token is predicted, never fed
 
-        with autocast_context(self.precision, self.device.type):
+        with autocast(self.precision, self.device):
             # 1. Prefill each distinct context once (left-padded: every row's last context token is in the last slot).
             idx, positions, valid = left_pad(contexts, device=device)
             prefill = model.new_cache(len(contexts), ctx_width, dtype=_cache_dtype(self.precision))
@@ -272,7 +264,7 @@ class Scorer:
         stops = [s for s in until if s]
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            with autocast_context(self.precision, self.device.type):
+            with autocast(self.precision, self.device):
                 new = generate(self.model, [encoded[i][0] for i in chunk], sampling, eod_id=self.eod_id)
             for i, ids in zip(chunk, new, strict=True):
                 text = self.tokenizer.decode(ids)

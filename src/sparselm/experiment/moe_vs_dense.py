@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sparselm.config import PRECISIONS
 from sparselm.experiment.family import RunSpec, build_family, parse_variant
-from sparselm.train.precision import resolve_precision
+from sparselm.precision import resolve_precision
 
 DEFAULT_TASKS = ("lambada", "piqa", "boolq", "arc_easy", "winogrande")
 EVAL_POINTS = 16  # validation evaluations per run (the points of the loss-vs-FLOPs curves)
@@ -339,7 +339,7 @@ def _set_precision(runs: list[RunSpec], precision: str) -> None:
 def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     from sparselm.experiment.data import prepare_dataset
     from sparselm.experiment.report import write_report
-    from sparselm.train.metrics import measure_peak_flops
+    from sparselm.precision import measure_matmul_flops
 
     started = time.perf_counter()
     if opts.threads:
@@ -450,8 +450,8 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         commands.append(opts.command)
         commands_path.write_text(json.dumps(commands, indent=1))
     peak = {
-        "bf16": measure_peak_flops(torch.bfloat16),
-        "fp32": measure_peak_flops(torch.float32),
+        "bf16": measure_matmul_flops(torch.bfloat16),
+        "fp32": measure_matmul_flops(torch.float32),
     }
     results = {
         "schema": "sparselm-moe-vs-dense/1",

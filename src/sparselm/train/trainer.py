@@ -9,7 +9,6 @@ not what is trained: the same config gives the same losses on 1 process and on N
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -32,9 +31,9 @@ from sparselm.parallel.mesh import default_device
 from sparselm.parallel.runtime import ParallelRuntime
 from sparselm.parallel.zero1 import ZeroStage1
 from sparselm.params.counting import flops_per_token
-from sparselm.train.metrics import MetricsLogger, format_expert_load, measure_peak_flops
+from sparselm.precision import autocast, measure_matmul_flops, resolve_precision
+from sparselm.train.metrics import MetricsLogger, format_expert_load
 from sparselm.train.optim import build_optimizer, build_scheduler
-from sparselm.train.precision import resolve_precision
 
 
 @dataclass
@@ -50,15 +49,6 @@ class TrainResult:
 
 # Test seam: called after backward with (step, model); a test can poison gradients to exercise the NaN guard.
 AfterBackward = Callable[[int, torch.nn.Module], None]
-
-
-def autocast(cfg: Config, device_type: str = "cpu") -> contextlib.AbstractContextManager:
-    precision = cfg.train.precision  # a training run has resolved auto already; other callers resolve it here
-    if precision == "auto":
-        precision = resolve_precision(precision, torch.device(device_type))
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def build_model(cfg: Config, apply_policies: bool = True) -> Transformer:
@@ -102,7 +92,7 @@ def forward_backward(
     for i, (xm, ym) in enumerate(chunks):
         if runtime is not None:
             runtime.before_micro_batch(model, i, len(chunks))
-        with autocast(cfg, xm.device.type):
+        with autocast(cfg.train.precision, xm.device):
             out = model(xm, ym)
             objective = out.loss + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
         (objective / micro_steps).backward()
@@ -127,7 +117,7 @@ def evaluate(model: Transformer, cfg: Config, shards: TokenShards) -> float:
     # In a parallel job every rank scores the same batches (collectives need every rank), so all agree.
     for x, y in eval_batches(shards, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
         x, y = x.to(device), y.to(device)
-        with autocast(cfg, device.type):
+        with autocast(cfg.train.precision, device):
             out = model(x, y)
         total += out.loss.item() * y.numel()
         count += y.numel()
@@ -210,7 +200,7 @@ def _train(
     # Measured before the model is built so that it cannot disturb the seeded RNG stream.
     peak = log_cfg.peak_flops
     if not peak:
-        peak = measure_peak_flops(torch.bfloat16 if t.precision == "bf16" else torch.float32) if is_main else 1.0
+        peak = measure_matmul_flops(torch.bfloat16 if t.precision == "bf16" else torch.float32) if is_main else 1.0
     world = env.world_size if env is not None else 1
     model = build_model(cfg, apply_policies=runtime is None).to(device)
     if runtime is not None:

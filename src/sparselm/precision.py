@@ -1,0 +1,89 @@
+"""Compute precision: which one this hardware runs fast, and the one autocast context every caller uses.
+
+``auto`` computes in bf16 autocast (fp32 master weights, the Gopher recipe) where the device multiplies bf16
+matrices at least as fast as fp32, and in fp32 where it does not (CPUs without native bf16 emulate it, far slower
+than fp32: docs/benchmarks.md has the figures). What decides is which kernels torch dispatches to on this machine,
+which CPU flags only approximate, so on a CPU the two speeds are measured once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+
+import torch
+
+from sparselm.config import PRECISIONS
+from sparselm.errors import InputError
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """Attainable square-matmul FLOP/s of this device at the current thread count (the denominator of MFU)."""
+    gen = torch.Generator().manual_seed(0)  # never touch the global RNG: training determinism depends on it
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    for _ in range(2):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+@functools.cache
+def cpu_matmul_speeds() -> tuple[float, float]:
+    """(fp32, bf16) matmul FLOP/s of this CPU at the current thread count, from a brief 256 x 256 measurement
+    (about 0.1 s where bf16 is fast, 0.3 s where it is emulated)."""
+    return measure_matmul_flops(torch.float32, 256, 0.05), measure_matmul_flops(torch.bfloat16, 256, 0.05)
+
+
+def cpu_speeds_sentence(speeds: tuple[float, float] | None = None) -> str:
+    """What the bf16-versus-fp32 decision rests on, for warnings and benchmark notes."""
+    fp32, bf16 = speeds or cpu_matmul_speeds()
+    return f"bf16 matmuls run at {bf16 / 1e9:.1f} GFLOP/s on this CPU against {fp32 / 1e9:.0f} in fp32"
+
+
+def bf16_is_fast(device: torch.device, speeds: tuple[float, float] | None = None) -> bool:
+    """``speeds`` (fp32, bf16) FLOP/s stand in for this CPU's own measurement (to reason about another machine)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        fp32, bf16 = speeds or cpu_matmul_speeds()
+        return bf16 >= fp32
+    return False
+
+
+def resolve_precision(
+    requested: str,
+    device: torch.device,
+    warn: Callable[[str], None] | None = None,
+    speeds: tuple[float, float] | None = None,
+) -> str:
+    """``requested`` (auto | bf16 | fp32) -> the precision to compute in (bf16 | fp32). An explicit bf16 is kept
+    but ``warn`` is told when it will be slow, so that a config written for a GPU still means what it says."""
+    if requested not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "fp32":
+        return "fp32"
+    fast = bf16_is_fast(device, speeds)
+    if requested == "auto":
+        return "bf16" if fast else "fp32"
+    if not fast and warn is not None:
+        why = cpu_speeds_sentence(speeds) if device.type == "cpu" else f"this {device.type} device has no fast bf16"
+        warn(f"precision bf16: {why}, so training will be slow; precision auto (or fp32) computes in fp32 here")
+    return "bf16"
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context every forward runs under: bf16 autocast or nothing. ``precision`` may still be ``auto``."""
+    device = torch.device(device)
+    if precision == "auto":
+        precision = resolve_precision(precision, device)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return contextlib.nullcontext()
