@@ -25,7 +25,7 @@ import torch
 
 if TYPE_CHECKING:
     from sparselm.config import Config
-    from sparselm.parallel.runtime import ParallelRuntime
+    from sparselm.parallel.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -52,22 +52,20 @@ def bench_config(overrides: list[str], world: int, micro: int = 2) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def build(overrides: list[str]) -> tuple[Config, ParallelRuntime, torch.nn.Module, Any]:
+def build(overrides: list[str]) -> tuple[Config, Runtime, torch.nn.Module, Any]:
     """(cfg, runtime, model, optimizer) for this worker's world size, as the trainer builds them."""
     import torch.distributed as dist
 
-    from sparselm.parallel.launch import init_distributed
-    from sparselm.parallel.runtime import ParallelRuntime
-    from sparselm.train.optim import build_optimizer
+    from sparselm.parallel.runtime import create_runtime
     from sparselm.train.trainer import build_model
 
     cfg = bench_config(overrides, dist.get_world_size())
     dp = _dp_size(cfg, dist.get_world_size())
     cfg.train.global_batch_size = cfg.train.micro_batch_size * dp
-    runtime = ParallelRuntime(cfg, init_distributed())
-    model = runtime.parallelize(build_model(cfg, apply_policies=False))
+    runtime = create_runtime(cfg)
+    model = runtime.parallelize(build_model(cfg))
     model.train()
-    optimizer = runtime.build_optimizer(model, lambda m: build_optimizer(m, cfg.optim))
+    optimizer, _ = runtime.build_optimizer(model)
     return cfg, runtime, model, optimizer
 
 
@@ -87,7 +85,7 @@ def batch(cfg: Config, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_step(
     cfg: Config,
-    runtime: ParallelRuntime,
+    runtime: Runtime,
     model: torch.nn.Module,
     optimizer: Any,
     step: int,
@@ -101,10 +99,9 @@ def train_step(
     stats = forward_backward(model, cfg, x, y, 1, runtime)
     if after_backward is not None:
         after_backward()
-    runtime.after_backward()
+    runtime.reduce_and_clip_gradients(model, cfg.optim.grad_clip)
     if after_backward is not None:
         after_backward()
-    runtime.clip_grad_norm(model, cfg.optim.grad_clip)
     runtime.mean_over_dp([stats.loss, stats.aux_loss, stats.z_loss])
     optimizer.step()
 

@@ -47,28 +47,21 @@ def measure(case: dict) -> dict:
 
     world = dist.get_world_size()
     overrides = LAYOUTS[world][case["layout"]]
-    if world == 1:  # the single-process trainer path: no runtime, torch's own clipping
-        from sparselm.train.optim import build_optimizer
-        from sparselm.train.trainer import build_model, forward_backward
+    if world == 1:  # the single-process trainer path: the world-size-1 runtime, torch's own clipping
+        from sparselm.parallel.runtime import Runtime
+        from sparselm.train.trainer import build_model
 
         cfg = pb.bench_config(overrides, 1)
-        model = build_model(cfg)
-        optimizer = build_optimizer(model, cfg.optim)
-
-        def step(i: int) -> None:
-            x, y = pb.batch(cfg, i)
-            optimizer.zero_grad(set_to_none=True)
-            forward_backward(model, cfg, x, y, 1)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-
-        dp = 1
+        runtime = Runtime(cfg, torch.device("cpu"))
+        model = runtime.parallelize(build_model(cfg))
+        model.train()
+        optimizer, _ = runtime.build_optimizer(model)
     else:
         cfg, runtime, model, optimizer = pb.build(overrides)
-        dp = runtime.dp_size
+    dp = runtime.dp_size
 
-        def step(i: int) -> None:
-            pb.train_step(cfg, runtime, model, optimizer, i)
+    def step(i: int) -> None:
+        pb.train_step(cfg, runtime, model, optimizer, i)
 
     seconds = pb.max_over_ranks(pb.median_time(step, 2, case["steps"]))
     tokens = dp * cfg.train.micro_batch_size * cfg.data.seq_len

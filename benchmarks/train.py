@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from sparselm.config import Config, apply_overrides, load_config
+from sparselm.parallel.runtime import Runtime
 from sparselm.params.counting import count_params, flops_per_token
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence, measure_matmul_flops
-from sparselm.train.optim import build_optimizer
 from sparselm.train.trainer import build_model, forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,10 @@ CASES = {
 
 def bench_case(cfg: Config, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    model = build_model(cfg)
+    runtime = Runtime(cfg, torch.device("cpu"))
+    model = runtime.parallelize(build_model(cfg))
     model.train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer, _ = runtime.build_optimizer(model)
     t = cfg.train
     micro = t.global_batch_size // t.micro_batch_size
     times = []
@@ -62,8 +63,8 @@ def bench_case(cfg: Config, steps: int, warmup: int) -> dict:
         y = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, cfg.data.seq_len))
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, cfg, x, y, micro)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        forward_backward(model, cfg, x, y, micro, runtime)
+        runtime.reduce_and_clip_gradients(model, cfg.optim.grad_clip)
         optimizer.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)

@@ -157,13 +157,12 @@ def _logits(spec: dict, task: dict) -> None:
     import torch.distributed as dist
 
     from sparselm.checkpoint.sharded import load_sharded
-    from sparselm.parallel.launch import init_distributed
-    from sparselm.parallel.runtime import ParallelRuntime
+    from sparselm.parallel.runtime import create_runtime
     from sparselm.train.trainer import build_model
 
     cfg = tiny_config(spec["data"], spec["vocab"], *task["overrides"])
-    runtime = ParallelRuntime(cfg, init_distributed())
-    model = runtime.parallelize(build_model(cfg, apply_policies=False))
+    runtime = create_runtime(cfg)
+    model = runtime.parallelize(build_model(cfg))
     load_sharded(Path(task["ckpt"]) / "dcp", model)
     model.eval()
     with torch.no_grad():

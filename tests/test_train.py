@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparselm.checkpoint.files import latest_checkpoint, list_checkpoints, load_model_weights
+from sparselm.checkpoint.files import export_checkpoint, latest_checkpoint, list_checkpoints, load_model_weights
 from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.config import Config, apply_overrides, load_config
 from sparselm.errors import CheckpointError, TrainingStopped
+from sparselm.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.metrics import read_metrics
-from sparselm.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.trainer import build_model, train
 
 
@@ -110,6 +110,26 @@ def test_resume_matches_uninterrupted_run(cfg: Config, tmp_path: Path) -> None:
     a = load_checkpoint(tmp_path / "full")[0].state_dict()
     b = load_checkpoint(tmp_path / "resumed")[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_weights_only_starts_a_fresh_optimizer(cfg: Config, tmp_path: Path) -> None:
+    """A checkpoint with weights but no optimizer state (an export, an imported model) resumes at its step with
+    fresh AdamW moments and the learning rate where that step puts the schedule."""
+    cfg = apply_overrides(cfg, ["train.eval_every=0"])
+    train(cfg, tmp_path / "full")
+    step6 = tmp_path / "full" / "checkpoints" / "step_00000006"
+    export_checkpoint(step6, tmp_path / "run" / "checkpoints" / "step_00000006")
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000006" / "optimizer.pt").exists()
+    second = train(cfg, tmp_path / "run", resume=True)
+    assert second.final_step == 12 and len(second.losses) == 6
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    assert lrs == pytest.approx([cfg.optim.lr * lr_multiplier(s, cfg.optim, 12) for s in range(6, 12)])
+    state = torch.load(latest_checkpoint(tmp_path / "run") / "optimizer.pt", weights_only=True)["optimizer"]
+    assert {int(s["step"]) for s in state["state"].values()} == {6}  # six AdamW steps since the fresh start
+    # An export never lands half-written, and never over a directory that holds something else.
+    with pytest.raises(CheckpointError, match="not an earlier export"):
+        export_checkpoint(step6, tmp_path / "full")
+    assert {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()} == {"step_00000006", "step_00000012"}
 
 
 def test_transient_nan_step_is_skipped(cfg: Config, tmp_path: Path) -> None:

@@ -140,15 +140,17 @@ def cmd_params(args: argparse.Namespace) -> int:
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
-    from sparselm.ppl import perplexity_of_split, perplexity_of_text
+    from sparselm.eval.loglik import Scorer
+    from sparselm.eval.perplexity import perplexity_of_split, perplexity_of_text
 
     model, cfg, tokenizer = _load(args.ckpt)
-    seq_len = args.seq_len or cfg.data.seq_len
+    scorer = Scorer(model, tokenizer, batch_size=args.batch_size, precision=args.precision)
+    window = args.seq_len or cfg.data.seq_len
     src = Path(args.input)
     if (src / "meta.json").is_file():
-        res = perplexity_of_split(model, src, args.split, seq_len, args.batch_size, args.precision, args.max_windows)
+        res = perplexity_of_split(scorer, src, args.split, window, args.max_windows)
     else:
-        res = perplexity_of_text(model, tokenizer, src, seq_len, args.batch_size, args.precision)
+        res = perplexity_of_text(scorer, src, window, args.max_windows)
     out = {"input": str(src), "tokens": res.tokens, "loss": res.loss, "perplexity": res.perplexity}
     if res.bits_per_byte is not None:
         out["bits_per_byte"] = res.bits_per_byte
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="text/JSONL file, or a prepared dataset directory")
     p.add_argument("--split", default="val", help="split of a prepared dataset (train or val)")
     p.add_argument("--seq-len", type=int, default=0, help="window length (default: the training data.seq_len)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=16, help="windows scored together")
     p.add_argument("--max-windows", type=int, default=0, help="score at most this many windows (0 = all)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", action="store_true")

@@ -1,6 +1,6 @@
 """Checkpoints: one directory per step, written to a temporary name and renamed into place.
 
-Layout of ``RUN_DIR/checkpoints/step_00000100/`` written by a single process:
+Layout of ``RUN_DIR/checkpoints/step_00000100/`` written by one process:
 - ``model.safetensors``: weights (no pickle);
 - ``optimizer.pt``: optimizer and scheduler state (tensors and numbers only, loaded with ``weights_only=True``);
 - ``trainer_state.json``: step, data-sampler position, counters;
@@ -10,10 +10,11 @@ Layout of ``RUN_DIR/checkpoints/step_00000100/`` written by a single process:
 A parallel job (torchrun) writes ``dcp/`` instead of the first three: a ``torch.distributed.checkpoint`` of model
 and optimizer state with global shapes, each rank writing its own shard (see sparselm.checkpoint.sharded), and
 puts the scheduler state in ``trainer_state.json``. Either format resumes in any layout, including one process;
-``sparselm export`` turns a ``dcp/`` checkpoint into a single ``model.safetensors``.
+``sparselm export`` turns a ``dcp/`` checkpoint into a single ``model.safetensors``. A checkpoint with weights but
+no optimizer state (an export, an imported model) resumes too, with a fresh optimizer.
 
-A directory named ``step_*`` exists only once all of it was written (every rank's shard included), so a crash
-mid-save never leaves a checkpoint that looks complete.
+A directory named ``step_*`` (or an export's ``--out``) exists only once all of it was written, every rank's shard
+included, so a crash mid-save never leaves a checkpoint that looks complete.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,17 +35,12 @@ from torch import nn
 from sparselm.config import Config, load_config, to_toml
 from sparselm.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    from sparselm.parallel.runtime import Runtime
+
 DCP_DIR = "dcp"  # sharded (torch.distributed.checkpoint) model + optimizer state inside a step_* directory
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_dcp_checkpoint(ckpt: Path) -> bool:
@@ -55,6 +52,41 @@ def _sharded():
     from sparselm.checkpoint import sharded
 
     return sharded
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make everything in ``tmp`` durable, then give it the name ``final`` (replacing an older one) in one rename."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old one
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def _write_usable_alone(out: Path, cfg: Config, state: dict, tokenizer_path: str | Path | None) -> None:
+    """What every checkpoint carries besides tensors: the trainer state, the config and the tokenizer."""
+    (out / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    (out / "config.toml").write_text(to_toml(cfg))
+    if tokenizer_path is not None and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -86,116 +118,84 @@ def save_checkpoint(
     step: int,
     model: nn.Module,
     cfg: Config,
-    optimizer: torch.optim.Optimizer | None = None,
+    runtime: Runtime,
+    optimizer: Any = None,
     scheduler: Any = None,
     trainer_state: dict | None = None,
     tokenizer_path: str | Path | None = None,
     keep_last: int = 0,
-    runtime=None,
 ) -> Path:
-    if runtime is not None:
-        return _save_sharded_checkpoint(
-            run_dir, step, model, cfg, optimizer, scheduler, trainer_state, tokenizer_path, keep_last, runtime
-        )
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-    if optimizer is not None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}
-        torch.save(state, tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(trainer_state or {})}, indent=1))
-    (tmp / "config.toml").write_text(to_toml(cfg))
-    if tokenizer_path is not None and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace the old one
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _save_sharded_checkpoint(
-    run_dir, step, model, cfg, optimizer, scheduler, trainer_state, tokenizer_path, keep_last, runtime
-) -> Path:
-    """Every rank writes its shard into the same temporary directory; rank 0 renames it once all are done."""
-    import torch.distributed as dist
-
+    """Write ``step_<step>``: safetensors + ``optimizer.pt`` from one process, a DCP shard from every rank of a
+    job (collective: every rank calls it). Then keep only the newest ``keep_last`` checkpoints (0 keeps all)."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"  # one name for all ranks (a restarted job reuses and clears it)
-    main = runtime.env.is_main
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    dist.barrier()
-    _sharded().save_sharded(tmp / DCP_DIR, model, optimizer)
-    if main:
-        state = {
-            "step": step,
-            **(trainer_state or {}),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "format": "dcp",
-            "layout": runtime.layout.describe(),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        (tmp / "config.toml").write_text(to_toml(cfg))
-        if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        _fsync_tree(tmp)
-    dist.barrier()  # every shard is on disk before the directory gets its final name
-    if main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+    if runtime.is_main:
+        _fresh_dir(tmp)
+    runtime.barrier()
+    state = {"step": step, **(trainer_state or {})}
+    if runtime.distributed:
+        optim_state = runtime.sharded_optimizer_state(model, optimizer) if optimizer is not None else None
+        _sharded().save_sharded(tmp / DCP_DIR, model, optim_state)
+        state.update(scheduler=scheduler.state_dict() if scheduler else None, format="dcp", layout=runtime.describe())
+    else:
+        save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if optimizer is not None:
+            optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None}
+            torch.save(optim, tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+    if runtime.is_main:
+        _write_usable_alone(tmp, cfg, state, tokenizer_path)
+    runtime.barrier()  # every shard is on disk before the directory gets its final name
+    if runtime.is_main:
+        _publish(tmp, final)
         if keep_last > 0:
             for old in list_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()  # nobody moves on (or exits) before the checkpoint is in place
+    runtime.barrier()  # nobody moves on (or exits) before the checkpoint is in place
     return final
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     """Write ``out/model.safetensors`` (one file, all weights), ``config.toml`` and ``tokenizer.model`` from any
-    checkpoint: a directory ``sparselm generate``/``ppl``/``eval`` load in one process."""
+    checkpoint: a directory ``sparselm generate``/``ppl``/``eval`` load in one process and ``train --resume``
+    continues from with a fresh optimizer. ``out`` appears only once complete; an existing non-empty ``out`` that
+    is not an earlier export is refused."""
     from sparselm.model.transformer import Transformer
 
     ckpt = resolve_checkpoint(ckpt)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
+        raise CheckpointError(f"{out} exists and is not an earlier export: choose a new --out")
     cfg = load_config_from_checkpoint(ckpt)
     model = Transformer(cfg.model, cfg.moe)
     load_model_weights(model, ckpt)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    step = json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0)
-    save_file(weights, str(out / "model.safetensors"), metadata={"step": str(step), "exported_from": str(ckpt)})
-    (out / "config.toml").write_text(to_toml(cfg))
-    if (ckpt / "tokenizer.model").is_file():
-        shutil.copyfile(ckpt / "tokenizer.model", out / "tokenizer.model")
-    (out / "trainer_state.json").write_text(json.dumps({"step": step, "exported_from": str(ckpt)}, indent=1))
+    step = read_trainer_state(ckpt).get("step", 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_dir(out.parent / f".tmp_{out.name}")
+    save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"step": str(step), "exported_from": str(ckpt)})
+    tokenizer = ckpt / "tokenizer.model"
+    _write_usable_alone(tmp, cfg, {"step": step, "exported_from": str(ckpt)}, tokenizer)
+    _publish(tmp, out)
     return out
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: trainer_state.json cannot be read: {e}") from None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    has_optimizer_state: bool  # False: weights only (an export or an imported model)
+
+
+def checkpoint_info(ckpt: Path) -> CheckpointInfo:
+    has_optimizer = is_dcp_checkpoint(ckpt) or (Path(ckpt) / "optimizer.pt").is_file()
+    return CheckpointInfo(int(read_trainer_state(ckpt).get("step", 0)), has_optimizer)
 
 
 def load_config_from_checkpoint(ckpt: str | Path) -> Config:
@@ -215,10 +215,7 @@ def load_model_weights(model: nn.Module, ckpt: str | Path) -> None:
         except Exception as e:  # DCP raises a zoo of types; all mean "this checkpoint does not fit"
             raise CheckpointError(f"{ckpt}/{DCP_DIR} cannot be loaded into the model: {e}") from None
         return
-    try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+    weights = _read_weights(ckpt)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -234,30 +231,35 @@ def load_model_weights(model: nn.Module, ckpt: str | Path) -> None:
     model.load_state_dict(weights)
 
 
-def load_training_state(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, runtime=None
-) -> dict:
+def load_training_state(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any, runtime: Runtime) -> dict:
     """Restore model, optimizer, scheduler and RNG; return the trainer state (step, sampler position, ...).
 
-    Any checkpoint into any layout: a ``dcp/`` checkpoint is resharded by DCP; a single-process checkpoint is
-    read whole by every rank of a parallel job. A parallel job re-seeds its RNG every step from (seed, step, rank),
-    so it needs no RNG state; one process resuming from a ``dcp/`` checkpoint keeps its freshly seeded RNG."""
+    Any checkpoint into any layout: a ``dcp/`` checkpoint is resharded by DCP; a single-process checkpoint is read
+    whole by every rank of a parallel job; a weights-only checkpoint leaves optimizer and scheduler as built. A
+    parallel job re-seeds its RNG every step from (seed, step, rank), so it needs no RNG state; one process resuming
+    from a ``dcp/`` checkpoint keeps its freshly seeded RNG."""
+    trainer_state = read_trainer_state(ckpt)
     if is_dcp_checkpoint(ckpt):
         try:
-            trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
-            _sharded().load_sharded(ckpt / DCP_DIR, model, optimizer)
+            _sharded().load_sharded(ckpt / DCP_DIR, model, optimizer, runtime)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{ckpt}: training state cannot be read: {e}") from None
         if scheduler is not None and trainer_state.get("scheduler") is not None:
             scheduler.load_state_dict(trainer_state["scheduler"])
         return trainer_state
-    if runtime is not None:
-        return _load_single_into_parallel(ckpt, model, optimizer, scheduler)
+    if not (ckpt / "optimizer.pt").is_file():
+        if runtime.distributed:
+            _sharded().load_full(model, None, _read_weights(ckpt), None, runtime)
+        else:
+            load_model_weights(model, ckpt)
+        return trainer_state
+    if runtime.distributed:
+        _load_single_into_parallel(ckpt, model, optimizer, scheduler, runtime)
+        return trainer_state
     load_model_weights(model, ckpt)
     try:
         state = torch.load(ckpt / "optimizer.pt", weights_only=True)
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
-        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}: training state cannot be read: {e}") from None
     optimizer.load_state_dict(state["optimizer"])
@@ -267,17 +269,23 @@ def load_training_state(
     return trainer_state
 
 
-def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict:
+def _read_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(ckpt / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{ckpt}/model.safetensors cannot be read: {e}") from None
+
+
+def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any, runtime: Runtime) -> None:
     """A single-process checkpoint resumed by a parallel job: full tensors in, each rank keeps its part."""
     from sparselm.model.transformer import Transformer
-    from sparselm.train.optim import build_optimizer
+    from sparselm.optim import build_optimizer
 
+    weights = _read_weights(ckpt)
     try:
-        weights = load_file(str(ckpt / "model.safetensors"))
         state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        trainer_state = json.loads((ckpt / "trainer_state.json").read_text())
         cfg = load_config(ckpt / "config.toml")
-    except (OSError, RuntimeError, ValueError, SafetensorError, ConfigError) as e:
+    except (OSError, RuntimeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{ckpt}: training state cannot be read: {e}") from None
     # optimizer.pt numbers parameters in the order build_optimizer grouped them; rebuild that order (on the meta
     # device, no memory) to name them.
@@ -286,7 +294,6 @@ def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, sch
     names = {id(p): n for n, p in plain.named_parameters()}
     groups = build_optimizer(plain, cfg.optim).param_groups
     named = _sharded().named_optimizer_state(state["optimizer"], [[names[id(p)] for p in g["params"]] for g in groups])
-    _sharded().load_full(model, optimizer, weights, named)
+    _sharded().load_full(model, optimizer, weights, named, runtime)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    return trainer_state

@@ -1,9 +1,9 @@
 """Sharded checkpoints with ``torch.distributed.checkpoint`` (DCP), loadable by any layout and by one process.
 
 What is saved is layout-free: model and optimizer state keyed by parameter name (FQN) with global shapes, as
-``get_model_state_dict`` / ``get_optimizer_state_dict`` give them for FSDP2, DTensor TP and plain modules alike
-(ZeRO-1 produces the same format itself). Each rank writes the pieces it owns; on load DCP reads whatever
-overlaps the pieces the new layout owns, so 4 ranks (dp_shard=2 x tp=2) -> 2 ranks -> 1 process just works.
+``get_model_state_dict`` gives them for FSDP2, DTensor TP and plain modules alike (the runtime that built the
+optimizer gives its state in the same form, ZeRO-1 included). Each rank writes the pieces it owns; on load DCP reads
+whatever overlaps the pieces the new layout owns, so 4 ranks (dp_shard=2 x tp=2) -> 2 ranks -> 1 process just works.
 
 Single-process checkpoints (``model.safetensors`` + ``optimizer.pt``) load into a parallel job too: the full
 tensors are handed to ``set_*_state_dict(full_state_dict=True)``, which keeps each rank's part.
@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from sparselm.parallel.zero1 import ZeroStage1
-
-
-def _optimizer_state(model: nn.Module, optimizer) -> dict:
-    if isinstance(optimizer, ZeroStage1):
-        return optimizer.state_dict()
-    return get_optimizer_state_dict(model, optimizer)
+if TYPE_CHECKING:
+    from sparselm.parallel.runtime import Runtime
 
 
 def _dcp_load(state: dict, path: Path) -> None:
@@ -45,27 +35,24 @@ def _dcp_load(state: dict, path: Path) -> None:
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
 
 
-def save_sharded(path: Path, model: nn.Module, optimizer=None) -> None:
+def save_sharded(path: Path, model: nn.Module, optimizer_state: dict | None = None) -> None:
     """Collective: every rank calls it with the same ``path`` (on a file system all ranks see)."""
     state = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+    if optimizer_state is not None:
+        state["optim"] = optimizer_state
     dcp.save(state, checkpoint_id=str(path))
 
 
-def load_sharded(path: Path, model: nn.Module, optimizer=None) -> None:
-    """Collective in a job, plain in one process: fill this rank's parameters (and optimizer state) from ``path``."""
+def load_sharded(path: Path, model: nn.Module, optimizer=None, runtime: Runtime | None = None) -> None:
+    """Collective in a job, plain in one process: fill this rank's parameters (and, given the ``runtime`` that built
+    ``optimizer``, its state) from ``path``."""
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
-        state["optim"] = _optimizer_state(model, optimizer)
+        state["optim"] = runtime.sharded_optimizer_state(model, optimizer)
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
-    if optimizer is None:
-        return
-    if isinstance(optimizer, ZeroStage1):
-        optimizer.load_state_dict(state["optim"])
-    else:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+    if optimizer is not None:
+        runtime.load_sharded_optimizer_state(model, optimizer, state["optim"], full=False)
 
 
 def named_optimizer_state(indexed: dict, names_in_order: list[list[str]]) -> dict:
@@ -83,16 +70,13 @@ def named_optimizer_state(indexed: dict, names_in_order: list[list[str]]) -> dic
     return {"state": state, "param_groups": groups}
 
 
-def load_full(model: nn.Module, optimizer, weights: dict[str, torch.Tensor], optim_state: dict | None) -> None:
+def load_full(
+    model: nn.Module, optimizer, weights: dict[str, torch.Tensor], optim_state: dict | None, runtime: Runtime
+) -> None:
     """Load full (single-process) tensors into a parallel model; every rank passes the same full state."""
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=options)
-    if optimizer is None or optim_state is None:
-        return
-    if isinstance(optimizer, ZeroStage1):
-        optimizer.load_state_dict(optim_state)
-    else:
-        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    if optimizer is not None and optim_state is not None:
+        runtime.load_sharded_optimizer_state(model, optimizer, optim_state, full=True)
 
 
 def load_model_from_dcp(model: nn.Module, path: Path) -> None:

@@ -23,7 +23,7 @@ caps the [rows, length, vocab] logits tensor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,22 +190,28 @@ class Scorer:
                 progress(i)
 
     # --------------------------------------------------------------------------------------- rolling windows
-    def rolling_requests(self, tokens: list[int], stride: int = 0) -> list[tuple[list[int], list[int]]]:
-        """Split ``[eod] + tokens`` into windows of at most ``max_seq_len`` inputs that predict every token once.
+    def rolling_requests(
+        self, tokens: Sequence[int], stride: int = 0, window: int = 0
+    ) -> list[tuple[list[int], list[int]]]:
+        """Split ``[eod] + tokens`` into windows of at most ``window`` inputs (default and maximum:
+        ``max_seq_len``) that predict every token once.
 
-        ``stride`` (default and maximum: ``max_seq_len``) is how many new tokens each window after the first
-        predicts; the rest of the window is context. With the default the windows are disjoint and the last one is
-        filled up with earlier context, exactly lm-eval's ``loglikelihood_rolling``.
+        ``stride`` (default and maximum: ``window``) is how many new tokens each window after the first predicts;
+        the rest of the window is context. With the default the windows are disjoint and the last one is filled up
+        with earlier context, exactly lm-eval's ``loglikelihood_rolling``.
         """
-        stride = stride or self.max_len
-        if not 1 <= stride <= self.max_len:
-            raise InputError(f"stride must be in [1, max_seq_len={self.max_len}], got {stride}")
+        window = window or self.max_len
+        if not 1 <= window <= self.max_len:
+            raise InputError(f"window must be in [1, max_seq_len={self.max_len}], got {window}")
+        stride = stride or window
+        if not 1 <= stride <= window:
+            raise InputError(f"stride must be in [1, window={window}], got {stride}")
         seq = [self.eod_id, *tokens]
         windows = []
         start = 1  # first target not yet predicted
         while start < len(seq):
-            end = min(start + (self.max_len if start == 1 else stride), len(seq))
-            first = max(0, end - 1 - self.max_len)
+            end = min(start + (window if start == 1 else stride), len(seq))
+            first = max(0, end - 1 - window)
             windows.append((seq[first:start], seq[start:end]))
             start = end
         return windows
@@ -214,29 +220,39 @@ class Scorer:
         self, texts: list[str], stride: int = 0, progress: Callable[[int], None] | None = None
     ) -> list[tuple[float, int]]:
         """(summed log-likelihood, tokens) of each whole text, conditioned on the end-of-document token."""
+        return self.rolling_ids([self.tokenizer.encode(text) for text in texts], stride, progress=progress)
+
+    def rolling_ids(
+        self,
+        documents: list[Sequence[int]],
+        stride: int = 0,
+        window: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[tuple[float, int]]:
+        """(summed log-likelihood, tokens) of each token sequence, conditioned on the end-of-document token.
+        ``progress(d)`` is called once per finished document."""
         requests, owner = [], []
-        for t, text in enumerate(texts):
-            tokens = list(self.tokenizer.encode(text))
-            for window in self.rolling_requests(tokens, stride):
-                requests.append(window)
-                owner.append(t)
-        remaining = [0] * len(texts)
-        for t in owner:
-            remaining[t] += 1
+        for d, tokens in enumerate(documents):
+            for request in self.rolling_requests(tokens, stride, window):
+                requests.append(request)
+                owner.append(d)
+        remaining = [0] * len(documents)
+        for d in owner:
+            remaining[d] += 1
         if progress:
-            for t in range(len(texts)):
-                if remaining[t] == 0:  # an empty text has nothing to score
-                    progress(t)
+            for d in range(len(documents)):
+                if remaining[d] == 0:  # an empty document has nothing to score
+                    progress(d)
 
         def window_done(i: int) -> None:
             remaining[owner[i]] -= 1
             if progress and remaining[owner[i]] == 0:
                 progress(owner[i])
 
-        totals = [[0.0, 0] for _ in texts]
-        for t, result in zip(owner, self.loglikelihood(requests, window_done), strict=True):
-            totals[t][0] += result.logprob
-            totals[t][1] += result.tokens
+        totals = [[0.0, 0] for _ in documents]
+        for d, result in zip(owner, self.loglikelihood(requests, window_done), strict=True):
+            totals[d][0] += result.logprob
+            totals[d][1] += result.tokens
         return [(float(s), int(n)) for s, n in totals]
 
     # -------------------------------------------------------------------------------------------- generation

@@ -118,13 +118,14 @@ def machine_description() -> dict[str, Any]:
 def time_steps(run: RunSpec, warmup: int = 2, steps: int = 3) -> float:
     """Median seconds per optimizer step of ``run`` on random tokens, after ``warmup`` untimed steps (the first
     steps pay for allocation and are slower than the rest)."""
-    from sparselm.train.optim import build_optimizer
+    from sparselm.parallel.runtime import Runtime
     from sparselm.train.trainer import build_model, forward_backward
 
     cfg = run.cfg
-    model = build_model(cfg)
+    runtime = Runtime(cfg, torch.device("cpu"))
+    model = runtime.parallelize(build_model(cfg))
     model.train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer, _ = runtime.build_optimizer(model)
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.train.global_batch_size, cfg.data.seq_len)
     x = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
@@ -133,7 +134,7 @@ def time_steps(run: RunSpec, warmup: int = 2, steps: int = 3) -> float:
     for i in range(warmup + steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, cfg, x, y, 1)
+        forward_backward(model, cfg, x, y, 1, runtime)
         optimizer.step()
         if i >= warmup:
             times.append(time.perf_counter() - start)

@@ -83,7 +83,7 @@ class ZeroStage1:
             self.slots.append(_Slot(fqn, param, local, shard, group, divide, rows, chunk, start, end))
         self._by_shard = {id(s.shard): s for s in self.slots}
         # The optimizer sees the slices. A slice keeps its parameter's number of dims, so the weight-decay rule of
-        # sparselm.train.optim (matrices decayed, vectors not) applies to slices unchanged.
+        # sparselm.optim (matrices decayed, vectors not) applies to slices unchanged.
         self.optimizer: torch.optim.Optimizer = build_optimizer([(s.fqn, s.shard, s.param) for s in self.slots])
 
     # ---- the training step -------------------------------------------------------------------------------------
@@ -154,9 +154,6 @@ class ZeroStage1:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         for s in self.slots:
             s.param.grad = None
-
-    def shard_grads(self) -> list[torch.Tensor]:
-        return [s.shard.grad for s in self.slots if s.shard.grad is not None]
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _ensure_state(self) -> None:

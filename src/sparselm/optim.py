@@ -44,6 +44,12 @@ def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
+    """The schedule as ``lr_multiplier`` gives it, its first ``step()`` due at optimizer step ``start_step``."""
+    if start_step > 0:  # a scheduler that starts mid-way needs the peak rates it scales (torch's own convention)
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, cfg, max_steps), last_epoch=start_step - 1
+    )
