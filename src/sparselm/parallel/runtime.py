@@ -13,6 +13,7 @@ data-parallel ranks, and each step's randomness is seeded from (seed, step, data
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from sparselm.parallel.layout import Layout, resolve_layout, validate_parallel
 from sparselm.parallel.mesh import ParallelDims, default_device
 from sparselm.parallel.tensor_parallel import apply_tensor_parallel
 from sparselm.parallel.zero1 import ZeroStage1
+from sparselm.precision import resolve_precision
 
 Optimizer = torch.optim.Optimizer | ZeroStage1
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -60,6 +62,14 @@ class Runtime:
         if p.tp > 1 or p.ep > 1 or p.dp_shard > 1 or p.dp_replicate > 1:
             return f"one process on {self.device} (the [parallel] layout is ignored: launch with torchrun to use it)"
         return f"one process on {self.device}"
+
+    def resolve_precision(self, requested: str, warn: Callable[[str], None] | None = None) -> str:
+        """``requested`` (auto | bf16 | fp32) -> what this job computes in: auto is bf16 only if every rank's device
+        runs bf16 fast (sparselm.precision), so that all ranks agree."""
+        precision = resolve_precision(requested, self.device, warn=warn)
+        if requested == "auto":
+            precision = "bf16" if self.all_agree(precision == "bf16") else "fp32"
+        return precision
 
     def all_agree(self, flag: bool) -> bool:
         """True when ``flag`` is true on every rank."""

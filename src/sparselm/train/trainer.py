@@ -27,7 +27,7 @@ from sparselm.errors import ConfigError, TrainingStopped
 from sparselm.model.transformer import Transformer
 from sparselm.parallel.runtime import Runtime, create_runtime
 from sparselm.params.counting import flops_per_token
-from sparselm.precision import autocast, measure_matmul_flops, resolve_precision
+from sparselm.precision import autocast, measure_matmul_flops
 from sparselm.train.metrics import MetricsLogger, format_expert_load
 
 
@@ -345,10 +345,7 @@ class _Run:
 def _with_resolved_precision(cfg: Config, runtime: Runtime) -> Config:
     """``cfg`` with train.precision auto replaced by what this hardware runs fast (every rank of a job agrees: bf16
     only if all of them have it), so that the run's config.toml says what was computed."""
-    warn = tqdm.write if runtime.is_main else None
-    precision = resolve_precision(cfg.train.precision, runtime.device, warn=warn)
-    if cfg.train.precision == "auto":
-        precision = "bf16" if runtime.all_agree(precision == "bf16") else "fp32"
+    precision = runtime.resolve_precision(cfg.train.precision, warn=tqdm.write if runtime.is_main else None)
     if precision == cfg.train.precision:
         return cfg
     if runtime.is_main:
