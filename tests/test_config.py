@@ -48,7 +48,8 @@ def test_toml_round_trip(tmp_path: Path) -> None:
         (["model.position=alibi"], "model.position"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
         (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len"),
-        (["train.precision=fp16"], "train.precision"),
+        (["train.precision=fp16"], "train.precision: expected one of 'auto', 'bf16', 'fp32', got 'fp16'"),
+        (["parallel.param_dtype=fp16"], "parallel.param_dtype: expected one of 'fp32', 'bf16', got 'fp16'"),
         (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
     ],
 )

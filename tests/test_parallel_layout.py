@@ -67,7 +67,6 @@ def test_world_size_errors(overrides: list[str], world: int, message: str) -> No
         (["parallel.zero_stage=1", "parallel.param_dtype=bf16"], "needs parallel.zero_stage 0, 2 or 3"),
         (["parallel.cpu_offload=true"], "parallel.cpu_offload needs parallel.zero_stage 2 or 3"),
         (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
-        (["parallel.param_dtype=fp16"], "parallel.param_dtype must be fp32 or bf16"),
         (["parallel.dp_shard=0"], "parallel.dp_shard must be >= 1 or -1"),
     ],
 )

@@ -1,22 +1,33 @@
 """Typed configuration: dataclasses loaded from TOML, overridable with ``--set section.field=value``.
 
-Every field lives in exactly one section. Validation runs before any compute and raises ``ConfigError`` with a
-one-line message that names the offending field, so a typo in a 200-step run fails in milliseconds, not minutes.
+Every field lives in exactly one section. Loading (``sparselm.config_loader``, shared with the data pipeline's
+config) checks each value against its field's annotation: ``true``/``false`` for booleans, numbers for numbers (a
+quoted "1e-3" is a string, not a number), and a choice field (a ``Literal``) only takes its listed values. A
+``--set`` value is read as TOML, so ``--set optim.lr=1e-3`` is a number, and text that is not TOML (``--set
+data.path=runs/x``) is an unquoted string. ``validate`` then checks ranges and relations between fields. Every
+problem raises ``ConfigError`` with a one-line message that names the field, so a typo in a 200-step run fails in
+milliseconds, not minutes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from sparselm import config_loader
 from sparselm.errors import ConfigError
 
-PRECISIONS = ("auto", "bf16", "fp32")  # train.precision; auto is resolved by train/precision.py
+Norm = Literal["rmsnorm", "layernorm"]  # rmsnorm (Gopher) | layernorm
+# rope | relative (T5 learned bias) | xl (Transformer-XL, Gopher) | absolute | none
+Position = Literal["rope", "relative", "xl", "absolute", "none"]
+FFN = Literal["swiglu", "gelu"]
+# auto: bf16 where the device computes in it natively, else fp32 (see sparselm/precision.py) | bf16 (autocast, fp32
+# master weights) | fp32
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS = config_loader.choices(Precision)
+DType = Literal["fp32", "bf16"]
 
 
 @dataclass
@@ -27,13 +38,13 @@ class ModelConfig:
     n_heads: int = 8
     d_ff: int = 2048  # hidden size of the dense FFN (per branch for SwiGLU)
     max_seq_len: int = 512
-    norm: str = "rmsnorm"  # rmsnorm (Gopher) | layernorm
+    norm: Norm = "rmsnorm"
     norm_eps: float = 1e-5
-    position: str = "rope"  # rope | relative (T5 learned bias) | xl (Transformer-XL, Gopher) | absolute | none
+    position: Position = "rope"
     rope_theta: float = 10000.0
     relative_buckets: int = 32
     relative_max_distance: int = 128
-    ffn: str = "swiglu"  # swiglu | gelu
+    ffn: FFN = "swiglu"
     tie_embeddings: bool = True
     bias: bool = False
     dropout: float = 0.0
@@ -95,9 +106,7 @@ class TrainConfig:
     max_steps: int = 1000
     global_batch_size: int = 16  # sequences per optimizer step (Megatron's global_batch_size)
     micro_batch_size: int = 8  # sequences per forward/backward; the rest is gradient accumulation
-    # auto: bf16 where the device computes in it natively, else fp32 (see train/precision.py) | bf16 (autocast, fp32
-    # master weights) | fp32
-    precision: str = "auto"
+    precision: Precision = "auto"
     activation_checkpointing: bool = False
     compile: bool = False
     seed: int = 1234
@@ -132,8 +141,8 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree, carved out of dp_shard: each of ep ranks holds num_experts / ep experts
     zero_stage: int = 0  # 0 replicated (DDP), 1 + sharded optimizer state, 2 + sharded grads, 3 + sharded params
     sequence_parallel: bool = False  # with tp > 1: norms and the residual stream split along the sequence
-    param_dtype: str = "fp32"  # fp32 | bf16: dtype parameters are gathered and computed in (FSDP2 mixed precision)
-    reduce_dtype: str = "fp32"  # fp32 | bf16: dtype gradients are reduced in
+    param_dtype: DType = "fp32"  # dtype parameters are gathered and computed in (FSDP2 mixed precision)
+    reduce_dtype: DType = "fp32"  # dtype gradients are reduced in
     cpu_offload: bool = False  # zero_stage 2/3 on GPUs: sharded params, grads and optimizer state stay in CPU memory
 
 
@@ -152,108 +161,21 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
-def _section_classes() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: hints[name] for name in SECTIONS}
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert ``value`` (from TOML or a ``--set`` string) to the field's declared type, or raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported field type {annotation!r}")
-
-
 def config_from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
     """Build a Config from nested dicts (as parsed from TOML); unknown sections or keys are errors."""
-    cfg = base if base is not None else Config()
-    classes = _section_classes()
-    for section, values in raw.items():
-        if section not in classes:
-            raise ConfigError(f"unknown config section [{section}] (known: {', '.join(classes)})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] must be a table of key = value pairs")
-        target = getattr(cfg, section)
-        hints = typing.get_type_hints(classes[section])
-        for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(f"unknown config key {section}.{key}")
-            setattr(target, key, _coerce(value, hints[key], f"{section}.{key}"))
-    return cfg
+    return config_loader.fill(base if base is not None else Config(), raw)
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings (from ``--set``) in order."""
-    classes = _section_classes()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        dotted, value = item.split("=", 1)
-        if "." not in dotted:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        section, key = dotted.strip().split(".", 1)
-        if section not in classes:
-            raise ConfigError(f"unknown config section {section!r} in --set {item!r}")
-        hints = typing.get_type_hints(classes[section])
-        if key not in hints:
-            raise ConfigError(f"unknown config key {section}.{key}")
-        setattr(getattr(cfg, section), key, _coerce(value.strip(), hints[key], f"{section}.{key}"))
-    return cfg
+    return config_loader.apply_overrides(cfg, overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML file (or the defaults), apply overrides, validate."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        cfg = config_from_dict(raw, cfg)
+        config_from_dict(config_loader.read_toml(path), cfg)
     if overrides:
         apply_overrides(cfg, overrides)
     validate(cfg)
@@ -267,18 +189,13 @@ def _check(condition: bool, message: str) -> None:
 
 def validate(cfg: Config, require_data: bool = False) -> None:
     """Check every field and every relation between fields; raise ConfigError naming the first problem."""
+    config_loader.check(cfg)  # types and choice fields, as the loader checks them
     m, e, d, o, t = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.train
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
         _check(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
     _check(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
-    _check(
-        m.position in ("rope", "relative", "xl", "absolute", "none"),
-        f"model.position must be rope, relative, xl, absolute or none, got {m.position!r}",
-    )
     if m.position == "rope":
         _check((m.d_model // m.n_heads) % 2 == 0, "model.position=rope needs an even head dimension")
-    _check(m.ffn in ("swiglu", "gelu"), f"model.ffn must be swiglu or gelu, got {m.ffn!r}")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(m.relative_buckets > 0, "model.relative_buckets must be positive")
 
@@ -324,7 +241,6 @@ def validate(cfg: Config, require_data: bool = False) -> None:
         f"train.global_batch_size={t.global_batch_size} is not a multiple of "
         f"train.micro_batch_size={t.micro_batch_size}",
     )
-    _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     _check(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _check(t.eval_batches > 0, f"train.eval_batches must be positive, got {t.eval_batches}")
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")

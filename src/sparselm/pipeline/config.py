@@ -14,23 +14,34 @@ A config has a few singleton sections and one ``[[source]]`` table per source (s
 
 Relative paths (source paths, tokenizer, model, out) are relative to the working directory, like every other
 sparselm config. ``--set section.key=value``, ``--set source.NAME.key=value`` and ``--set filters.NAME.max=value``
-override single fields; values are parsed as TOML (strings may be left unquoted).
+override single fields. Loading is ``sparselm.config_loader``'s, the same as the training config's: each value must
+have its field's type (``true``/``false``, numbers unquoted, a choice field one of its listed values), and a
+``--set`` value is read as TOML (``--set source.c4.weight=0.4``, ``--set quality.positive=["books"]``), with text
+that is not TOML taken as an unquoted string (``--set run.out=runs/x``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
+from sparselm import config_loader
 from sparselm.errors import ConfigError
 from sparselm.pipeline.filters import FILTERS, expand_filter_names
-from sparselm.pipeline.quality import SELECTION_MODES
-from sparselm.pipeline.sources import EXTRACTORS, FORMATS
+from sparselm.pipeline.quality import SelectionMode
+from sparselm.pipeline.sources import Extractor, Format, InvalidUtf8
+
+Executor = Literal["local", "dask"]
+
+
+class Bounds(TypedDict, total=False):
+    """Bounds of one Gopher filter; a missing key keeps the value below it (paper default < [filters.X] < source)."""
+
+    min: float
+    max: float
 
 
 @dataclass
@@ -38,7 +49,7 @@ class RunSection:
     out: str = "runs/pipeline"
     seed: int = 0
     workers: int = 2  # processes (local) or dask workers started locally; 0 or 1 = run in this process
-    executor: str = "local"  # local | dask
+    executor: Executor = "local"
     dask_address: str = ""  # an existing dask scheduler, e.g. "tcp://10.0.0.5:8786"; "" = a local dask cluster
     progress: bool = True
     batch_docs: int = 256  # documents tokenised and scored per call inside a worker
@@ -53,7 +64,7 @@ class TokenizerSection:
 class ExtractSection:
     max_line_bytes: int = 1 << 20  # longer lines are rejected (minified or binary data), never held in memory
     max_document_bytes: int = 32 << 20
-    invalid_utf8: str = "reject"  # reject the document | replace bad bytes with U+FFFD
+    invalid_utf8: InvalidUtf8 = "reject"  # reject the document | replace bad bytes with U+FFFD
 
 
 @dataclass
@@ -91,28 +102,18 @@ class MixtureSection:
 class SourceSection:
     name: str = ""
     paths: list[str] = field(default_factory=list)  # files, directories or globs (``**`` allowed)
-    format: str = "auto"  # auto | text | jsonl | parquet | zip
-    extractor: str = "auto"  # auto | none | gutenberg | wikiextractor | lines | paragraphs
+    format: Format = "auto"
+    extractor: Extractor = "auto"
     text_field: str = "text"
     members: list[str] = field(default_factory=lambda: ["*"])  # zip members to read
     filters: list[str] = field(default_factory=lambda: ["gopher_quality", "gopher_repetition"])
-    filter_overrides: dict[str, dict[str, float]] = field(default_factory=dict)  # {name: {min, max}} for this source
-    quality: str = "none"  # none | threshold | pareto
+    filter_overrides: dict[str, Bounds] = field(default_factory=dict)  # {filter name: {min, max}} for this source
+    quality: SelectionMode = "none"
     quality_threshold: float = 0.5
     pareto_alpha: float = 9.0  # GPT-3 / GLaM's value
     dedup: bool = True
     weight: float = 0.0  # share of train tokens (normalised over the weighted sources)
     epochs: float = 0.0  # or: every kept document this many times
-
-
-SECTIONS = {
-    "run": RunSection,
-    "tokenizer": TokenizerSection,
-    "extract": ExtractSection,
-    "quality": QualitySection,
-    "dedup": DedupSection,
-    "mixture": MixtureSection,
-}
 
 
 @dataclass
@@ -123,8 +124,8 @@ class PipelineConfig:
     quality: QualitySection = field(default_factory=QualitySection)
     dedup: DedupSection = field(default_factory=DedupSection)
     mixture: MixtureSection = field(default_factory=MixtureSection)
-    filters: dict[str, dict[str, float]] = field(default_factory=dict)  # global bound overrides {name: {min, max}}
-    sources: list[SourceSection] = field(default_factory=list)
+    filters: dict[str, Bounds] = field(default_factory=dict)  # global bound overrides {filter name: {min, max}}
+    sources: list[SourceSection] = field(default_factory=list, metadata={config_loader.NAME_KEY: "source"})
 
     def source(self, name: str) -> SourceSection:
         for src in self.sources:
@@ -153,105 +154,14 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return list(value)
-    if origin is dict:
-        return _bounds_table(value, where)
-    raise ConfigError(f"{where}: unsupported field type {annotation!r}")
-
-
-def _bounds_table(value: Any, where: str) -> dict[str, dict[str, float]]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a table {{filter = {{min = .., max = ..}}}}, got {value!r}")
-    out: dict[str, dict[str, float]] = {}
-    for name, bounds in value.items():
-        if name not in FILTERS:
-            raise ConfigError(f"{where}.{name}: unknown filter (known: {', '.join(FILTERS)})")
-        if not isinstance(bounds, dict):
-            raise ConfigError(f"{where}.{name}: expected a table with min and/or max, got {bounds!r}")
-        out[name] = {}
-        for key, number in bounds.items():
-            if key not in ("min", "max"):
-                raise ConfigError(f"{where}.{name}.{key}: unknown key (expected min or max)")
-            out[name][key] = _coerce(number, float, f"{where}.{name}.{key}")
-    return out
-
-
-def _fill(target: Any, values: Any, where: str) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a table of key = value pairs")
-    hints = typing.get_type_hints(type(target))
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"unknown config key {where}.{key}")
-        setattr(target, key, _coerce(value, hints[key], f"{where}.{key}"))
-
-
 def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
-    cfg = PipelineConfig()
-    for section, values in raw.items():
-        if section in SECTIONS:
-            _fill(getattr(cfg, section), values, section)
-        elif section == "filters":
-            cfg.filters = _bounds_table(values, "filters")
-        elif section == "source":
-            if not isinstance(values, list):
-                raise ConfigError("source must be an array of tables: write [[source]] for each source")
-            for i, table in enumerate(values):
-                src = SourceSection()
-                _fill(src, table, f"source[{i}]")
-                cfg.sources.append(src)
-        else:
-            known = ", ".join([*SECTIONS, "filters", "source"])
-            raise ConfigError(f"unknown config section [{section}] (known: {known})")
-    return cfg
+    """Build a PipelineConfig from nested dicts (as parsed from TOML); unknown sections or keys are errors."""
+    return config_loader.fill(PipelineConfig(), raw)
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # an unquoted string
-
-
-def apply_overrides(cfg: PipelineConfig, overrides: list[str]) -> None:
-    for item in overrides:
-        dotted, sep, text = item.partition("=")
-        parts = dotted.strip().split(".")
-        if not sep or len(parts) < 2:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        value = _parse_value(text.strip())
-        if parts[0] == "source" and len(parts) == 3:
-            _fill(cfg.source(parts[1]), {parts[2]: value}, f"source.{parts[1]}")
-        elif parts[0] == "filters" and len(parts) == 3:
-            merged = {parts[1]: {**cfg.filters.get(parts[1], {}), parts[2]: value}}
-            cfg.filters.update(_bounds_table(merged, "filters"))
-        elif parts[0] in SECTIONS and len(parts) == 2:
-            _fill(getattr(cfg, parts[0]), {parts[1]: value}, parts[0])
-        else:
-            raise ConfigError(f"--set {item!r}: unknown field {dotted!r}")
+def apply_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Apply ``section.key=value``, ``source.NAME.key=value`` and ``filters.NAME.min=value`` strings in order."""
+    return config_loader.apply_overrides(cfg, overrides)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -260,18 +170,15 @@ def _check(condition: bool, message: str) -> None:
 
 
 def validate(cfg: PipelineConfig) -> None:
+    """Check every field and every relation between fields; raise ConfigError naming the first problem."""
+    config_loader.check(cfg)  # types and choice fields, as the loader checks them
     r, x, q, d, m = cfg.run, cfg.extract, cfg.quality, cfg.dedup, cfg.mixture
     _check(bool(r.out), "run.out must be set")
     _check(r.workers >= 0, f"run.workers must be >= 0, got {r.workers}")
-    _check(r.executor in ("local", "dask"), f"run.executor must be local or dask, got {r.executor!r}")
     _check(r.batch_docs >= 1, f"run.batch_docs must be >= 1, got {r.batch_docs}")
     _check(bool(cfg.tokenizer.path), "tokenizer.path must be set")
     _check(x.max_line_bytes >= 1024, f"extract.max_line_bytes must be >= 1024, got {x.max_line_bytes}")
     _check(x.max_document_bytes >= 1024, f"extract.max_document_bytes must be >= 1024, got {x.max_document_bytes}")
-    _check(
-        x.invalid_utf8 in ("reject", "replace"),
-        f"extract.invalid_utf8 must be reject or replace, got {x.invalid_utf8!r}",
-    )
     _check(d.ngram >= 1, f"dedup.ngram must be >= 1, got {d.ngram}")
     _check(d.num_perm >= 8, f"dedup.num_perm must be >= 8, got {d.num_perm}")
     _check(0.0 < d.threshold <= 1.0, f"dedup.threshold must be in (0, 1], got {d.threshold}")
@@ -285,23 +192,20 @@ def validate(cfg: PipelineConfig) -> None:
     _check(q.ngram_max >= 1 and q.n_features >= 1024, "quality.ngram_max must be >= 1 and quality.n_features >= 1024")
     _check(q.c > 0, f"quality.c must be > 0, got {q.c}")
     _check(q.folds == 0 or 2 <= q.folds <= 20, f"quality.folds must be 0 (off) or in [2, 20], got {q.folds}")
+    _check_filter_names(cfg.filters, "filters")
     _check(bool(cfg.sources), "no [[source]] tables: describe at least one source")
     names = [s.name for s in cfg.sources]
     for i, s in enumerate(cfg.sources):
-        where = f"source[{i}]" if not s.name else f"source {s.name!r}"
+        where = f"source.{s.name}" if s.name else f"source[{i}]"
         _check(bool(s.name), f"{where}.name must be set")
         _check(s.name.replace("-", "").replace("_", "").isalnum(), f"{where}.name may use letters, digits, - and _")
         _check(names.count(s.name) == 1, f"{where}: the name is used by more than one source")
         _check(bool(s.paths), f"{where}.paths must list at least one file, directory or glob")
-        _check(s.format in FORMATS, f"{where}.format must be one of {', '.join(FORMATS)}, got {s.format!r}")
-        _check(
-            s.extractor in EXTRACTORS, f"{where}.extractor must be one of {', '.join(EXTRACTORS)}, got {s.extractor!r}"
-        )
+        _check_filter_names(s.filter_overrides, f"{where}.filter_overrides")
         try:
             expand_filter_names(s.filters)
         except ValueError as exc:
             raise ConfigError(f"{where}.filters: {exc}") from None
-        _check(s.quality in SELECTION_MODES, f"{where}.quality must be one of {', '.join(SELECTION_MODES)}")
         _check(0.0 <= s.quality_threshold <= 1.0, f"{where}.quality_threshold must be in [0, 1]")
         _check(s.pareto_alpha > 0, f"{where}.pareto_alpha must be > 0, got {s.pareto_alpha}")
         _check(s.weight >= 0 and s.epochs >= 0, f"{where}: weight and epochs must be >= 0")
@@ -316,16 +220,14 @@ def validate(cfg: PipelineConfig) -> None:
         )
 
 
+def _check_filter_names(bounds: dict[str, Bounds], where: str) -> None:
+    for name in bounds:
+        _check(name in FILTERS, f"{where}.{name}: unknown filter (known: {', '.join(FILTERS)})")
+
+
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read, override and validate a pipeline TOML file; raises ConfigError with a one-line message."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pipeline config not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict(config_loader.read_toml(path))
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg

@@ -31,15 +31,17 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from sparselm.config_loader import choices
 from sparselm.errors import InputError
 
 FORMAT = "sparselm-quality"
 VERSION = 2  # 2 added the optional fold models of cross-fitting; version 1 files (no folds) still load
-SELECTION_MODES = ("none", "threshold", "pareto")
+SelectionMode = Literal["none", "threshold", "pareto"]
+SELECTION_MODES = choices(SelectionMode)
 
 
 @dataclass(frozen=True)

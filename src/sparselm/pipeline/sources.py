@@ -29,13 +29,17 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
+from sparselm.config_loader import choices
 from sparselm.data.reader import strip_gutenberg
 from sparselm.pipeline.streams import bounded_lines, decompressed
 
-FORMATS = ("auto", "text", "jsonl", "parquet", "zip")
-EXTRACTORS = ("auto", "none", "gutenberg", "wikiextractor", "lines", "paragraphs")
+Format = Literal["auto", "text", "jsonl", "parquet", "zip"]
+Extractor = Literal["auto", "none", "gutenberg", "wikiextractor", "lines", "paragraphs"]
+InvalidUtf8 = Literal["reject", "replace"]
+FORMATS = choices(Format)
+EXTRACTORS = choices(Extractor)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".ndjson.gz")
 SNIPPET_CHARS = 300
 _SNIFF_BYTES = 8192
@@ -44,13 +48,13 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class ReadOptions:
-    format: str = "auto"
-    extractor: str = "auto"
+    format: Format = "auto"
+    extractor: Extractor = "auto"
     text_field: str = "text"
     members: tuple[str, ...] = ("*",)  # zip members to read (fnmatch on the member's name or its path)
     max_line_bytes: int = 1 << 20
     max_document_bytes: int = 32 << 20
-    invalid_utf8: str = "reject"  # reject | replace
+    invalid_utf8: InvalidUtf8 = "reject"
 
 
 @dataclass(frozen=True)
