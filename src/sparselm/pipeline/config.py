@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 from sparselm import config_loader
+from sparselm.data.documents import InvalidUtf8
 from sparselm.errors import ConfigError
 from sparselm.pipeline.filters import FILTERS, expand_filter_names
 from sparselm.pipeline.quality import SelectionMode
-from sparselm.pipeline.sources import Extractor, Format, InvalidUtf8
+from sparselm.pipeline.sources import Extractor, Format
 
 Executor = Literal["local", "dask"]
 

@@ -1,11 +1,12 @@
 """Read one input file into documents and reject records, streaming, without ever raising on bad data.
 
-Formats: plain text, JSONL (``.jsonl``, ``.json.gz``, ``.ndjson``...), Parquet and zip archives (each member read as
-text or JSONL by its name). Text and JSONL may be gzip or zstd compressed; compression is sniffed from the magic
-bytes, not trusted from the name. Extractors decide what a document is inside a text stream:
+Plain text and JSONL (gzip or zstd compressed or not) are read by ``data.documents``, the reader ``sparselm
+prepare`` uses too, here with its strict policy: a document with bad data is rejected, not repaired. This module adds
+the pipeline's formats and extractors on top: Parquet, zip archives (each member read as text or JSONL by its name),
+and extractors that decide what a document is inside a text stream:
 
 - ``none``: the whole file (or zip member) is one document.
-- ``gutenberg``: the whole file, Project Gutenberg header, credits and licence footer stripped (``data.reader``).
+- ``gutenberg``: the whole file, Project Gutenberg header, credits and licence footer stripped (``data.gutenberg``).
 - ``wikiextractor``: every ``<doc ...>`` ... ``</doc>`` block of a WikiExtractor dump is one document.
 - ``lines``: every non-blank line; ``paragraphs``: every block between blank lines.
 - ``auto``: ``wikiextractor`` if the first line opens a ``<doc``, else the whole file with Gutenberg stripping
@@ -20,29 +21,37 @@ that ends early yields one reject for the lost tail. Lines are read with a bound
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
-import gzip
-import json
 import zipfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 from sparselm.config_loader import choices
-from sparselm.data.reader import strip_gutenberg
-from sparselm.pipeline.streams import bounded_lines, decompressed
+from sparselm.data.documents import (
+    BLANK,
+    Cursor,
+    InvalidUtf8,
+    ReadPolicy,
+    Record,
+    Splitter,
+    decode,
+    is_jsonl,
+    read_file,
+    read_stream,
+    snippet,
+    walk,
+)
+from sparselm.data.gutenberg import book_text
+from sparselm.data.streams import Line, bounded_lines
 
 Format = Literal["auto", "text", "jsonl", "parquet", "zip"]
 Extractor = Literal["auto", "none", "gutenberg", "wikiextractor", "lines", "paragraphs"]
-InvalidUtf8 = Literal["reject", "replace"]
 FORMATS = choices(Format)
 EXTRACTORS = choices(Extractor)
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json.gz", ".jsonl.gz", ".jsonl.zst", ".json.zst", ".ndjson.gz")
-SNIPPET_CHARS = 300
-_SNIFF_BYTES = 8192
 _GLOB_CHARS = "*?["
 
 
@@ -56,16 +65,10 @@ class ReadOptions:
     max_document_bytes: int = 32 << 20
     invalid_utf8: InvalidUtf8 = "reject"
 
-
-@dataclass(frozen=True)
-class Record:
-    """A document (``reason == ""``) or a reject; ``location`` is ``path[!member][:line]`` (lines 1-based)."""
-
-    location: str
-    text: str | None
-    reason: str = ""
-    size: int = 0  # bytes of raw input this record stands for
-    snippet: str = ""  # start of a reject's raw data, for the rejects file
+    @property
+    def policy(self) -> ReadPolicy:
+        """The shared reader's settings for these options: strict, every damaged document is a reject."""
+        return ReadPolicy(self.text_field, self.invalid_utf8, self.max_line_bytes, self.max_document_bytes, strict=True)
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:
@@ -77,12 +80,7 @@ def expand_paths(patterns: list[str]) -> list[Path]:
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
             files = [p for p in matches if p.is_file()]
         elif Path(pattern).is_dir():
-            root = Path(pattern)
-            files = [
-                p
-                for p in sorted(root.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            ]
+            files = walk(Path(pattern))
         else:
             files = [Path(pattern)] if Path(pattern).is_file() else []
         if not files:
@@ -99,7 +97,7 @@ def detect_format(path: Path, declared: str) -> str:
         return "parquet"
     if name.endswith(".zip"):
         return "zip"
-    return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
+    return "jsonl" if is_jsonl(name) else "text"
 
 
 def iter_records(path: str | Path, options: ReadOptions) -> Iterator[Record]:
@@ -111,192 +109,100 @@ def iter_records(path: str | Path, options: ReadOptions) -> Iterator[Record]:
     elif fmt == "zip":
         yield from _read_zip(path, options)
     else:
-        try:
-            raw = open(path, "rb")  # noqa: SIM115 - closed by the with below, after the generator finishes
-        except OSError as exc:
-            yield Record(str(path), None, "read_error", 0, str(exc)[:SNIPPET_CHARS])
-            return
-        with raw:
-            yield from _read_stream(raw, str(path), fmt, options)
+        yield from _documents(read_file(path, fmt, options.policy, _splitter(options)), options)
 
 
-# ---- streams ------------------------------------------------------------------------------------------------------
+def _documents(records: Iterator[Record], options: ReadOptions) -> Iterator[Record]:
+    """The shared reader's records as the pipeline wants them: no blank-line records, Gutenberg books stripped."""
+    for record in records:
+        if record.reason == BLANK:
+            continue
+        if record.line == 0 and record.text is not None and options.extractor in ("gutenberg", "auto"):
+            text, stripped = book_text(record.text)  # a whole-stream document: perhaps a book
+            if stripped:
+                record = dataclasses.replace(record, text=text)
+        yield record
 
 
-def _snippet(data: bytes | str) -> str:
-    if isinstance(data, bytes):
-        data = data[: SNIPPET_CHARS * 4].decode("utf-8", "replace")
-    return data[:SNIPPET_CHARS]
-
-
-class _Cursor:
-    """Where the document being read starts, so a stream that breaks mid-document is rejected at that place."""
-
-    def __init__(self, where: str) -> None:
-        self.location = where
-
-
-def _read_stream(raw: IO[bytes], where: str, fmt: str, options: ReadOptions) -> Iterator[Record]:
-    cursor = _Cursor(where)
-    try:
-        stream = decompressed(raw)
-        head = stream.peek(_SNIFF_BYTES)[:_SNIFF_BYTES]
-        if b"\x00" in head:
-            yield Record(where, None, "binary", len(head), _snippet(head))
-            return
-        if fmt == "jsonl":
-            yield from _jsonl_records(stream, where, options, cursor)
-            return
+def _splitter(options: ReadOptions) -> Splitter:
+    def split(stream: IO[bytes], source: str, head: bytes, cursor: Cursor) -> Iterator[Record] | None:
         extractor = options.extractor
         if extractor == "auto" and head.lstrip().startswith(b"<doc"):
             extractor = "wikiextractor"
         if extractor in ("wikiextractor", "lines", "paragraphs"):
-            yield from _split_records(stream, where, extractor, options, cursor)
-        else:
-            yield from _whole_record(stream, where, extractor, options)
-    except Exception as exc:  # a corrupt or cut stream (gzip, zstd, zip, I/O) is bad data, never a crash
-        reason = _stream_error(exc)
-        if reason == "read_error" and not isinstance(exc, OSError):
-            raise  # not a stream problem: a bug, let it surface
-        yield Record(cursor.location, None, reason, 0, f"{type(exc).__name__}: {exc}"[:200])
+            return _split_records(stream, source, extractor, options.policy, cursor)
+        return None  # one document per stream
 
-
-def _stream_error(exc: BaseException) -> str:
-    if isinstance(exc, EOFError):
-        return "truncated_zstd" if "zstd" in str(exc) else "truncated_gzip"
-    if isinstance(exc, gzip.BadGzipFile | zlib.error):
-        return "corrupt_gzip"
-    if isinstance(exc, zipfile.BadZipFile):
-        return "corrupt_zip"
-    if type(exc).__name__ == "ZstdError":
-        return "corrupt_zstd"
-    return "read_error"
-
-
-def _decode(data: bytes, where: str, options: ReadOptions) -> Record:
-    try:
-        return Record(where, data.decode("utf-8"), size=len(data))
-    except UnicodeDecodeError:
-        if options.invalid_utf8 == "replace":
-            return Record(where, data.decode("utf-8", "replace"), size=len(data))
-        return Record(where, None, "invalid_utf8", len(data), _snippet(data))
+    return split
 
 
 class _Block:
     """The lines of one document being collected, or the reason it cannot be one."""
 
-    def __init__(self, location: str) -> None:
-        self.location = location
+    def __init__(self, source: str, line: int) -> None:
+        self.source, self.line = source, line
         self.parts: list[bytes] = []
         self.size = 0
         self.problem = ""
 
-    def add(self, line: bytes | None, length: int, head: bytes, options: ReadOptions) -> None:
-        self.size += length
+    def add(self, line: Line, policy: ReadPolicy) -> None:
+        self.size += line.length
         if self.problem:
             return
-        if line is None:
-            self.problem, self.parts = "line_too_long", [head]
-        elif self.size > options.max_document_bytes:
+        if line.data is None:
+            self.problem, self.parts = "line_too_long", [line.head]
+        elif policy.max_document_bytes and self.size > policy.max_document_bytes:
             self.problem, self.parts = "document_too_large", self.parts[:1]  # keep only what the snippet needs
         else:
-            self.parts.append(line)
+            self.parts.append(line.data)
 
-    def finish(self, options: ReadOptions, reason: str = "") -> Record:
+    def finish(self, policy: ReadPolicy, reason: str = "") -> Record:
+        data = b"".join(self.parts[:3] if self.problem or reason else self.parts)
         if self.problem or reason:
-            return Record(self.location, None, self.problem or reason, self.size, _snippet(b"".join(self.parts[:3])))
-        return _decode(b"".join(self.parts), self.location, options)
-
-
-def _whole_record(stream: IO[bytes], where: str, extractor: str, options: ReadOptions) -> Iterator[Record]:
-    block = _Block(where)
-    for line, length, head in bounded_lines(stream, options.max_line_bytes):
-        block.add(line, length, head, options)
-        if block.problem:
-            break  # one document per file: the rest of it cannot change the verdict
-    record = block.finish(options)
-    if record.text is not None and extractor in ("gutenberg", "auto"):
-        text = record.text.replace("\r\n", "\n")
-        stripped = strip_gutenberg(text) if ("Gutenberg" in text or "GUTENBERG" in text) else None
-        if stripped is not None:
-            record = Record(where, stripped, size=record.size)
-    yield record
+            return Record(self.source, self.line, None, self.problem or reason, self.size, snippet(data))
+        text, _ = decode(data, policy)
+        if text is None:
+            return Record(self.source, self.line, None, "invalid_utf8", self.size, snippet(data))
+        return Record(self.source, self.line, text, size=self.size)
 
 
 def _split_records(
-    stream: IO[bytes], where: str, extractor: str, options: ReadOptions, cursor: _Cursor
+    stream: IO[bytes], source: str, extractor: str, policy: ReadPolicy, cursor: Cursor
 ) -> Iterator[Record]:
     """Several documents per stream: WikiExtractor ``<doc>`` blocks, lines or paragraphs."""
     block: _Block | None = None
     in_doc = False  # inside <doc> ... </doc>
-    for lineno, (line, length, head) in enumerate(bounded_lines(stream, options.max_line_bytes), start=1):
-        blank = line is not None and not line.strip()
+    for number, line in enumerate(bounded_lines(stream, policy.max_line_bytes), start=1):
+        blank = line.data is not None and not line.data.strip()
         if extractor == "wikiextractor":
-            tag = (line or head).strip()
+            tag = (line.data or line.head).strip()
             if tag.startswith(b"<doc ") or tag == b"<doc>":
                 if block is not None:  # an unclosed document, or stray text, before this one
-                    yield block.finish(options, "unclosed_doc" if in_doc else "text_outside_doc")
-                block, in_doc = _Block(f"{where}:{lineno}"), True
-                cursor.location = block.location
+                    yield block.finish(policy, "unclosed_doc" if in_doc else "text_outside_doc")
+                block, in_doc = _Block(source, number), True
+                cursor.line = number
                 continue
             if tag == b"</doc>":
                 if block is not None:
-                    yield block.finish(options, "" if in_doc else "text_outside_doc")
+                    yield block.finish(policy, "" if in_doc else "text_outside_doc")
                 block, in_doc = None, False
                 continue
             if blank and block is None:
                 continue
         elif blank:  # a blank line ends a paragraph (and is no document of its own)
             if block is not None:
-                yield block.finish(options)
+                yield block.finish(policy)
                 block = None
             continue
         if block is None:
-            block = _Block(f"{where}:{lineno}")
-            cursor.location = block.location
-        block.add(line, length, head, options)
+            block = _Block(source, number)
+            cursor.line = number
+        block.add(line, policy)
         if extractor == "lines":
-            yield block.finish(options)
+            yield block.finish(policy)
             block = None
     if block is not None:
-        yield block.finish(options, "unclosed_doc" if in_doc else "")
-
-
-def _jsonl_records(stream: IO[bytes], where: str, options: ReadOptions, cursor: _Cursor) -> Iterator[Record]:
-    lineno = 0
-    cursor.location = f"{where}:1"
-    for line, length, head in bounded_lines(stream, options.max_line_bytes):
-        lineno += 1
-        location = f"{where}:{lineno}"
-        cursor.location = f"{where}:{lineno + 1}"  # if the stream breaks now, the next line is the one lost
-        if line is None:
-            yield Record(location, None, "line_too_long", length, _snippet(head))
-            continue
-        if not line.strip():
-            continue  # blank lines are layout, not documents
-        decoded = _decode(line, location, options)
-        if decoded.text is None:
-            yield decoded
-            continue
-        yield _json_text(decoded.text, location, length, options.text_field)
-
-
-def _json_text(line: str, location: str, size: int, field: str) -> Record:
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return Record(location, None, "malformed_json", size, _snippet(line))
-    if not isinstance(obj, dict) or field not in obj or obj[field] is None:
-        reason = "malformed_json" if not isinstance(obj, dict) else "missing_text_field"
-        return Record(location, None, reason, size, _snippet(line))
-    text = obj[field]
-    if not isinstance(text, str):
-        return Record(location, None, "non_string_text", size, _snippet(line))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800": not encodable text
-        return Record(location, None, "invalid_utf8", size, _snippet(line))
-    return Record(location, text, size=size)
+        yield block.finish(policy, "unclosed_doc" if in_doc else "")
 
 
 # ---- containers ---------------------------------------------------------------------------------------------------
@@ -306,7 +212,7 @@ def _read_zip(path: Path, options: ReadOptions) -> Iterator[Record]:
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
-        yield Record(str(path), None, "corrupt_zip", 0, str(exc)[:200])
+        yield Record(str(path), 0, None, "corrupt_zip", 0, str(exc)[:200])
         return
     with archive:
         for info in sorted(archive.infolist(), key=lambda i: i.filename):
@@ -320,11 +226,11 @@ def _read_zip(path: Path, options: ReadOptions) -> Iterator[Record]:
             try:
                 member = archive.open(info)
             except (zipfile.BadZipFile, OSError, NotImplementedError) as exc:
-                yield Record(where, None, "corrupt_zip", info.compress_size, str(exc)[:200])
+                yield Record(where, 0, None, "corrupt_zip", info.compress_size, str(exc)[:200])
                 continue
             with member:
-                fmt = "jsonl" if name.lower().endswith(JSONL_SUFFIXES) else "text"
-                yield from _read_stream(member, where, fmt, options)
+                kind = "jsonl" if is_jsonl(name) else "text"
+                yield from _documents(read_stream(member, where, kind, options.policy, _splitter(options)), options)
 
 
 def _read_parquet(path: Path, options: ReadOptions) -> Iterator[Record]:
@@ -335,35 +241,39 @@ def _read_parquet(path: Path, options: ReadOptions) -> Iterator[Record]:
         table = pq.ParquetFile(path)
         names = table.schema_arrow.names
     except (pa.ArrowException, OSError) as exc:
-        yield Record(str(path), None, "corrupt_parquet", 0, str(exc)[:200])
+        yield Record(str(path), 0, None, "corrupt_parquet", 0, str(exc)[:200])
         return
     if options.text_field not in names:
         for row in range(table.metadata.num_rows):
-            yield Record(f"{path}:{row + 1}", None, "missing_text_field", 0, f"columns: {', '.join(names)}"[:200])
+            yield Record(str(path), row + 1, None, "missing_text_field", 0, f"columns: {', '.join(names)}"[:200])
         return
     row = 0
     try:
         for batch in table.iter_batches(batch_size=256, columns=[options.text_field]):
             for value in batch.column(0).to_pylist():
                 row += 1
-                where = f"{path}:{row}"
                 if value is None:
-                    yield Record(where, None, "missing_text_field")
+                    yield Record(str(path), row, None, "missing_text_field")
                 elif not isinstance(value, str):
-                    yield Record(where, None, "non_string_text", 0, _snippet(repr(value)))
+                    yield Record(str(path), row, None, "non_string_text", 0, snippet(repr(value)))
                 else:
-                    yield _check_sizes(Record(where, value, size=len(value.encode("utf-8", "replace"))), options)
+                    size = len(value.encode("utf-8", "replace"))
+                    yield _check_sizes(Record(str(path), row, value, size=size), options)
     except (pa.ArrowException, OSError) as exc:
-        yield Record(f"{path}:{row + 1}", None, "corrupt_parquet", 0, str(exc)[:200])
+        yield Record(str(path), row + 1, None, "corrupt_parquet", 0, str(exc)[:200])
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "replace"))
 
 
 def _check_sizes(record: Record, options: ReadOptions) -> Record:
     """Apply the line and document limits to text that arrived whole (Parquet cells)."""
     text = record.text or ""
+    reason = ""
     if record.size > options.max_document_bytes:
-        return Record(record.location, None, "document_too_large", record.size, _snippet(text))
-    if len(text) > options.max_line_bytes // 4:  # only then can a line exceed the limit (<= 4 bytes per char)
-        longest = max(len(line.encode("utf-8", "replace")) for line in text.split("\n"))
-        if longest > options.max_line_bytes:
-            return Record(record.location, None, "line_too_long", record.size, _snippet(text))
-    return record
+        reason = "document_too_large"
+    # Only text over a quarter of the limit can hold a line over it (<= 4 bytes per character).
+    elif len(text) > options.max_line_bytes // 4 and max(map(_utf8_length, text.split("\n"))) > options.max_line_bytes:
+        reason = "line_too_long"
+    return dataclasses.replace(record, text=None, reason=reason, snippet=snippet(text)) if reason else record

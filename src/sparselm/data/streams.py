@@ -1,11 +1,14 @@
-"""Byte streams for the source readers: transparent gzip/zstd decompression and length-bounded line reading."""
+"""Byte streams for the document readers: transparent gzip/zstd decompression, length-bounded line reading, and
+what a failing stream means (``stream_error``)."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import zipfile
+import zlib
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, NamedTuple
 
 SNIPPET_BYTES = 1200  # raw head kept of an over-long line: enough for a 300-character snippet
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -46,6 +49,8 @@ class _ZstdReader(io.RawIOBase):
 
 
 def decompressed(raw: IO[bytes]) -> IO[bytes]:
+    """``raw`` decompressed when it starts with gzip or zstd magic bytes (a file's name is not trusted), else
+    ``raw`` buffered; either way a stream with ``peek``, ``read1`` and ``readline``."""
     buffered = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)  # type: ignore[arg-type]
     magic = buffered.peek(4)[:4]
     if magic.startswith(_GZIP_MAGIC):
@@ -57,17 +62,44 @@ def decompressed(raw: IO[bytes]) -> IO[bytes]:
     return buffered
 
 
-def bounded_lines(stream: IO[bytes], max_line: int) -> Iterator[tuple[bytes | None, int, bytes]]:
-    """(line, length, head) per line; ``line`` is None when longer than ``max_line`` (then only its head is kept)."""
+class Line(NamedTuple):
+    data: bytes | None  # the line, newline included; None when over the limit and not kept
+    length: int  # its length in bytes, newline included
+    head: bytes  # its start (at least SNIPPET_BYTES bytes of it), for a reject's snippet
+    too_long: bool  # longer than the limit, newline excluded
+
+
+def bounded_lines(stream: IO[bytes], max_line: int, keep_long: bool = False) -> Iterator[Line]:
+    """The lines of ``stream``. A line over ``max_line`` bytes is read in pieces and dropped (only its head is kept),
+    so it costs ``max_line`` of memory, never its length; with ``keep_long`` it is returned whole."""
     while True:
         line = stream.readline(max_line + 1)
         if not line:
             return
         if len(line) <= max_line or line.endswith(b"\n"):
-            yield line, len(line), line
+            yield Line(line, len(line), line, False)
             continue
         length, head = len(line), line[:SNIPPET_BYTES]
+        pieces = [line] if keep_long else []
         while line and not line.endswith(b"\n"):
-            line = stream.readline(1 << 20)  # consume the rest of the over-long line without keeping it
+            line = stream.readline(1 << 20)  # the rest of the over-long line
             length += len(line)
-        yield None, length, head
+            if keep_long:
+                pieces.append(line)
+        yield Line(b"".join(pieces) if keep_long else None, length, head, True)
+
+
+def stream_error(exc: BaseException) -> str | None:
+    """The reject reason for an exception raised while reading a stream, or None if it is not a stream problem (a
+    bug, which should surface)."""
+    if isinstance(exc, EOFError):
+        return "truncated_zstd" if "zstd" in str(exc) else "truncated_gzip"
+    if isinstance(exc, gzip.BadGzipFile | zlib.error):
+        return "corrupt_gzip"
+    if isinstance(exc, zipfile.BadZipFile):
+        return "corrupt_zip"
+    if type(exc).__name__ == "ZstdError":
+        return "corrupt_zstd"
+    if isinstance(exc, OSError):
+        return "read_error"
+    return None
