@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,9 +184,7 @@ def test_fifty_megabyte_line_is_tokenised_in_bounded_chunks(tiny_tokenizer: Toke
     inputs.mkdir()
     (inputs / "huge.txt").write_bytes(b"the " * repeats)
     (inputs / "small.txt").write_text("A normal little document.\n")
-    start = time.perf_counter()
     meta = prepare([inputs], tiny_tokenizer.path, tmp_path / "data", workers=2, progress=False)
-    elapsed = time.perf_counter() - start
     assert meta["report"]["files"][str(inputs / "huge.txt")]["very_long_lines"] == 1
     assert meta["report"]["files"][str(inputs / "huge.txt")]["bytes"] == size
     assert meta["report"]["files"][str(inputs / "small.txt")]["very_long_lines"] == 0
@@ -200,7 +197,6 @@ def test_fifty_megabyte_line_is_tokenised_in_bounded_chunks(tiny_tokenizer: Toke
     tokens = read_split(tmp_path / "data", huge_split)
     middle = tokens[len(first) : len(first) + 1000 * len(word)]
     assert np.array_equal(middle, np.tile(word, 1000))
-    assert elapsed < 30, f"50 MB line took {elapsed:.1f}s"
 
 
 def test_very_long_line_without_whitespace(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:

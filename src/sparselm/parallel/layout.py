@@ -26,8 +26,6 @@ def validate_parallel(cfg: Config) -> None:
         _check(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     _check(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard must be >= 1 or -1 (auto), got {p.dp_shard}")
     _check(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    for name in ("param_dtype", "reduce_dtype"):
-        _check(getattr(p, name) in ("fp32", "bf16"), f"parallel.{name} must be fp32 or bf16, got {getattr(p, name)!r}")
     if p.tp > 1:
         _check(m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
         _check(m.d_ff % p.tp == 0, f"model.d_ff={m.d_ff} is not divisible by parallel.tp={p.tp}")
