@@ -3,34 +3,44 @@ per-expert reference loop (outputs and gradients) on every expert implementation
 
 Expert implementations (``Experts.impl``): "loop" (the CPU kernel: one fused pass per expert inside a custom
 autograd Function) and "grouped_mm" (autograd through ``torch.nn.functional.grouped_mm``, the path for GPUs; it falls
-back to per-expert matmuls when the dims are not 16-byte aligned, e.g. d_model 6).
+back to per-expert matmuls when the dims are not 16-byte aligned, e.g. d_model 6). The kernels themselves (thread
+groups, recycled gradient memory, dispatch and combine) are tested op by op in test_ops_*.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sparselm.config import MoEConfig
 from sparselm.model.layers import FeedForward
-from sparselm.model.moe import MoE, grouped_matmul
+from sparselm.model.moe import MoE
 
 IMPLS = ["loop", "grouped_mm"]
 
 
 def make_moe(
-    d: int, f: int, num_experts: int, top_k: int, impl: str, *, seed: int = 0, router_std: float = 1.0, **kwargs
+    d: int,
+    f: int,
+    num_experts: int,
+    top_k: int,
+    impl: str,
+    *,
+    seed: int = 0,
+    router_std: float = 1.0,
+    kind: str = "swiglu",
+    bias: bool = False,
+    **moe_cfg,
 ) -> MoE:
-    """An MoE with random experts (std 0.2, so outputs are O(1)) and a router sharp enough to route unevenly."""
+    """An MoE with random experts (std 0.2, so outputs are O(1)) and a router sharp enough to route unevenly;
+    ``moe_cfg`` are ``MoEConfig`` fields."""
     torch.manual_seed(seed)
-    moe = MoE(d, f, num_experts, top_k, router_init_std=router_std, **kwargs)
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, router_init_std=router_std, **moe_cfg)
+    moe = MoE(d, f, cfg, kind, bias)
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(std=0.2)
@@ -89,7 +99,10 @@ def dense_from(moe: MoE, ffn: FeedForward) -> None:
     [(1.25, 10, 2, 4, 7), (1.0, 8, 1, 4, 2), (2.0, 7, 2, 3, 10), (1.0, 64, 2, 8, 16), (0.5, 3, 1, 2, 1)],
 )
 def test_capacity_formula(factor: float, tokens: int, top_k: int, num_experts: int, expected: int) -> None:
-    moe = MoE(8, 16, num_experts, top_k, dropless=False, capacity_factor=factor, eval_capacity_factor=2 * factor)
+    cfg = MoEConfig(
+        num_experts=num_experts, top_k=top_k, dropless=False, capacity_factor=factor, eval_capacity_factor=2 * factor
+    )
+    moe = MoE(8, 16, cfg)
     assert expected == math.ceil(factor * tokens * top_k / num_experts)
     assert moe.train().capacity(tokens) == expected
     assert moe.eval().capacity(tokens) == math.ceil(2 * factor * tokens * top_k / num_experts)
@@ -340,16 +353,6 @@ def test_backward_with_expanded_upstream_gradient(impl: str) -> None:
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_matmul_matches_per_group_matmuls_including_empty_groups() -> None:
-    torch.manual_seed(0)
-    counts = torch.tensor([3, 0, 5, 1])
-    for k_dim, n_dim in [(32, 16), (6, 10)]:  # grouped_mm kernel, then the unaligned fallback
-        x = torch.randn(int(counts.sum()), k_dim)
-        w = torch.randn(4, k_dim, n_dim)
-        expected = torch.cat([p @ w[g] for g, p in enumerate(x.split(counts.tolist()))])
-        torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
-
-
 # ------------------------------------------------------------------------------------------- no loop over tokens
 
 
@@ -381,25 +384,29 @@ def test_op_count_does_not_grow_with_tokens(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_drop_in_experts_with_the_plain_call_still_work(impl: str) -> None:
-    # Expert parallelism swaps `moe.experts` for a module called as experts(rows, counts) without gates; the MoE
-    # then applies the gates itself.
-    class PlainCall(torch.nn.Module):
+def test_drop_in_experts_that_apply_the_gates_themselves(impl: str) -> None:
+    # Every experts module is called as experts(rows, counts, gates). The expert-parallel one computes ungated rows
+    # and scales them once they are back on their rank; that must equal the gates folded into the kernel, router
+    # gradient included.
+    class GatesAfter(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-            return self.inner(rows, counts)
+        def forward(self, rows: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+            y = self.inner(rows, counts, None)
+            return y * gates.unsqueeze(-1).to(y.dtype)
 
     moe, x = uneven_moe(32, 64, 2, "swiglu", True, impl)
     x.requires_grad_(True)
     out, _ = moe(x)
-    (g_x,) = grads(out, torch.ones_like(out), [x])
-    moe.experts = PlainCall(moe.experts)
-    out_plain, _ = moe(x)
-    torch.testing.assert_close(out_plain, out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads(out_plain, torch.ones_like(out), [x])[0], g_x, rtol=1e-5, atol=1e-6)
+    g_x, g_router = grads(out, torch.ones_like(out), [x, moe.router.weight])
+    moe.experts = GatesAfter(moe.experts)
+    out_after, _ = moe(x)
+    torch.testing.assert_close(out_after, out, rtol=1e-5, atol=1e-6)
+    g_x_after, g_router_after = grads(out_after, torch.ones_like(out), [x, moe.router.weight])
+    torch.testing.assert_close(g_x_after, g_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_router_after, g_router, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -416,171 +423,3 @@ def test_no_tokens_and_padding(impl: str) -> None:
     assert int(stats.tokens_per_expert.sum()) == 8 * 2
     assert torch.equal(out[0, :2], torch.zeros(2, 32))
     torch.testing.assert_close(out[valid], reference_moe(moe, x[valid]), rtol=1e-5, atol=1e-5)
-
-
-def test_recycled_gradient_buffers_never_overwrite_live_gradients() -> None:
-    # The loop kernel writes expert weight gradients into memory recycled from earlier steps; it may only do so
-    # once nobody holds that memory.
-    moe, x = uneven_moe(32, 64, 2, "swiglu", False, "loop")
-    w = moe.experts.w_up
-    ups = [torch.randn(40, 32) for _ in range(3)]
-    expected = [torch.autograd.grad(moe(x)[0], w, up)[0].clone() for up in ups]
-
-    # Accumulation over micro-batches: .grad stays alive, so the second backward must not write into it.
-    moe.zero_grad(set_to_none=True)
-    moe(x)[0].backward(ups[0])
-    moe(x)[0].backward(ups[1])
-    torch.testing.assert_close(w.grad, expected[0] + expected[1], rtol=1e-5, atol=1e-6)
-
-    # After zero_grad(set_to_none) the memory is recycled (same storage: the page faults are saved) ...
-    moe.zero_grad(set_to_none=True)
-    moe(x)[0].backward(ups[0])
-    first = w.grad.data_ptr()
-    moe.zero_grad(set_to_none=True)
-    moe(x)[0].backward(ups[1])
-    assert w.grad.data_ptr() == first
-    torch.testing.assert_close(w.grad, expected[1], rtol=1e-5, atol=1e-6)
-    # ... but not while anything, even a view, still refers to it.
-    kept = w.grad.view(-1)
-    moe.zero_grad(set_to_none=True)
-    moe(x)[0].backward(ups[2])
-    assert w.grad.data_ptr() != kept.data_ptr()
-    torch.testing.assert_close(kept.view_as(w), expected[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, expected[2], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
-def test_experts_split_over_threads_equal_the_serial_loop_bitwise(kind: str, autocast: bool) -> None:
-    """The loop kernel may run groups of experts on several threads at once (moe.EXPERT_THREADS / intra-op threads):
-    every expert writes only its own rows and gradient slices, and each GEMM runs single-threaded, so outputs and
-    gradients are bitwise those of the serial loop on one thread."""
-    import sparselm.model.moe as moe_module
-
-    counts = torch.tensor([0, 30, 2, 0, 0, 9, 51, 1, 0, 17, 40, 0])  # uneven, with empty experts
-
-    def run(threads: int) -> list[torch.Tensor]:
-        moe_module.EXPERT_THREADS = threads
-        experts = make_moe(32, 48, len(counts), 1, "loop", kind=kind, bias=kind == "gelu").experts
-        gen = torch.Generator().manual_seed(1)
-        rows = torch.randn(int(counts.sum()), 32, generator=gen, requires_grad=True)
-        gates = torch.rand(int(counts.sum()), generator=gen, requires_grad=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = experts(rows, counts, gates)
-        out.float().square().sum().backward()
-        return [out.detach(), rows.grad, gates.grad, *(p.grad for p in experts.parameters())]
-
-    intra = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        serial = run(1)
-        torch.set_num_threads(2)
-        for threads in (2, 3):
-            moe_module._POOL = None
-            for a, b in zip(serial, run(threads), strict=True):
-                assert torch.equal(a, b)
-            assert moe_module._POOL is not None and len(moe_module._POOL._threads) == threads - 1  # really split
-    finally:
-        moe_module.EXPERT_THREADS = 0
-        torch.set_num_threads(intra)
-
-
-def test_expert_groups_cover_every_expert_once_and_balance_cost() -> None:
-    from sparselm.model.moe import _expert_groups
-
-    counts = [5, 0, 3, 100, 2, 0, 7, 60, 60]
-    groups = _expert_groups(counts, 2)
-    flat = [item for g in groups for item in g]
-    assert [e for e, _ in flat] == [e for e, n in enumerate(counts) if n]  # contiguous, in order, no empty expert
-    assert all(r.stop - r.start == counts[e] for e, r in flat) and flat[-1][1].stop == sum(counts)
-    cost = [sum(counts[e] + 32 for e, _ in g) for g in groups]
-    assert len(groups) == 2 and max(cost) / min(cost) < 1.5
-    assert _expert_groups([0, 0], 2) == [] and len(_expert_groups([4], 3)) == 1
-
-
-def test_expert_threads_from_the_environment() -> None:
-    code = "import sparselm.model.moe as m; print(m.EXPERT_THREADS)"
-    ok = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "SPARSELM_EXPERT_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert ok.stdout.strip() == "1"
-    bad = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "SPARSELM_EXPERT_THREADS": "two"},
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode != 0 and "SPARSELM_EXPERT_THREADS must be a non-negative integer, got 'two'" in bad.stderr
-
-
-def test_experts_split_over_threads_under_inference_mode() -> None:
-    """Inference mode is per thread; the worker threads must run under it too (generation uses it)."""
-    import sparselm.model.moe as moe_module
-
-    moe = make_moe(32, 48, 16, 2, "loop")
-    x = torch.randn(200, 32)
-    intra = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        moe_module.EXPERT_THREADS = 1
-        with torch.inference_mode():
-            serial, _ = moe(x)
-        torch.set_num_threads(2)
-        moe_module.EXPERT_THREADS = 2
-        with torch.inference_mode():
-            split, _ = moe(x)
-    finally:
-        moe_module.EXPERT_THREADS = 0
-        torch.set_num_threads(intra)
-    assert torch.equal(serial, split)
-
-
-def test_experts_split_only_when_they_are_small() -> None:
-    """Unset EXPERT_THREADS splits small experts over the intra-op threads and leaves big ones to their own GEMMs."""
-    import sparselm.model.moe as moe_module
-
-    seen: list[str] = []
-
-    def work(e: int, r: slice) -> None:
-        import threading
-
-        seen.append(threading.current_thread().name)
-
-    intra = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        moe_module.EXPERT_THREADS = 0
-        moe_module._run_experts(work, [1500, 0, 1600, 1400])  # >= SPLIT_BELOW_ROWS rows per busy expert
-        assert len(seen) == 3 and all(not name.startswith("sparselm-experts") for name in seen)
-        seen.clear()
-        moe_module._run_experts(work, [100, 0, 120, 90, 110])
-        assert len(seen) == 4 and any(name.startswith("sparselm-experts") for name in seen)
-    finally:
-        torch.set_num_threads(intra)
-
-
-def test_fresh_worker_threads_compute_single_threaded() -> None:
-    """A pool thread starts with OpenMP's default thread count, not the caller's: unless it sets its own, its
-    GEMMs fan out over every core and the split differs from the serial loop in the last bit. A fresh process, so
-    that the pool's threads are new (within this session earlier tests may have created them)."""
-    script = """
-import sys, torch
-sys.path.insert(0, "tests")
-import sparselm.model.moe as moe_module
-from test_moe import make_moe
-moe = make_moe(32, 48, 16, 2, "loop")
-x = torch.randn(200, 32)
-out = []
-for expert_threads, intra in ((1, 1), (2, 2)):
-    torch.set_num_threads(intra)
-    moe_module.EXPERT_THREADS = expert_threads
-    with torch.inference_mode():
-        out.append(moe(x)[0])
-sys.exit(0 if torch.equal(*out) else 1)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert proc.returncode == 0

@@ -80,6 +80,7 @@ def _check_experts(spec: dict, mode: str) -> dict:
     """ParallelExperts and an MoE layer using it against the local modules: outputs and all gradients."""
     import torch.distributed as dist
 
+    from sparselm.config import MoEConfig
     from sparselm.model.moe import MoE
     from sparselm.parallel.expert_parallel import ParallelExperts
     from sparselm.parallel.layout import resolve_layout
@@ -94,7 +95,7 @@ def _check_experts(spec: dict, mode: str) -> dict:
     errors = {}
 
     torch.manual_seed(0)
-    moe = MoE(32, 64, 4, 2, bias=True, router_init_std=1.0)
+    moe = MoE(32, 64, MoEConfig(num_experts=4, top_k=2, router_init_std=1.0), bias=True)
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(std=0.2)
@@ -105,13 +106,16 @@ def _check_experts(spec: dict, mode: str) -> dict:
     gen = torch.Generator().manual_seed(100 + data_seed)
     x = torch.randn(int(counts.sum()), 32, generator=gen)
     w = torch.randn(int(counts.sum()), 32, generator=gen)
+    gates = torch.rand(int(counts.sum()), generator=gen)
     ref, par = copy.deepcopy(moe.experts), ParallelExperts(copy.deepcopy(moe.experts), **meshes)
     xr, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (ref(xr, counts) * w).sum().backward()
-    yp = par(xp, counts)
+    gr, gp = gates.clone().requires_grad_(), gates.clone().requires_grad_()
+    (ref(xr, counts, gr) * w).sum().backward()
+    yp = par(xp, counts, gp)
     (yp * w).sum().backward()
-    errors["experts_out"] = rel_error(yp, ref(x, counts))
+    errors["experts_out"] = rel_error(yp, ref(x, counts, gates))
     errors["experts_x_grad"] = rel_error(xp.grad, xr.grad)
+    errors["experts_gates_grad"] = rel_error(gp.grad, gr.grad)
     errors["experts_w_grad"] = _weight_grad_error(ref, par, mode)
 
     # 2. A whole MoE layer (router, sort, dispatch, combine) with its experts replaced.

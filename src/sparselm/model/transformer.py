@@ -46,21 +46,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.bias, cfg.position, cfg.dropout)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         if use_moe:
-            self.ffn: nn.Module = MoE(
-                cfg.d_model,
-                moe.d_ff_expert or cfg.d_ff,
-                moe.num_experts,
-                moe.top_k,
-                cfg.ffn,
-                cfg.bias,
-                moe.dropless,
-                moe.capacity_factor,
-                moe.eval_capacity_factor,
-                moe.renormalize,
-                moe.jitter,
-                moe.shared_expert,
-                moe.router_init_std,
-            )
+            self.ffn: nn.Module = MoE(cfg.d_model, moe.d_ff_expert or cfg.d_ff, moe, cfg.ffn, cfg.bias)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)

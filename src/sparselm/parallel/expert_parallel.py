@@ -1,7 +1,7 @@
 """Expert parallelism (GShard / GLaM / DeepSpeed-MoE) and expert tensor parallelism, applied from outside the model.
 
-``MoE`` calls ``self.experts(x_sorted_by_expert, counts)``; :class:`ParallelExperts` replaces that submodule with
-one holding a slice of the 3-D expert weights, stored as DTensors so that checkpoints see the global shapes:
+``MoE`` calls ``self.experts(x_sorted_by_expert, counts, gates)``; :class:`ParallelExperts` replaces that submodule
+with one holding a slice of the 3-D expert weights, stored as DTensors so that checkpoints see the global shapes:
 
 - ``ep > 1``: rank ``r`` of the ep group owns experts ``[r * E/ep, (r + 1) * E/ep)`` (``Shard(0)``). Rows, already
   sorted by global expert, go to the rank owning their expert with one ``all_to_all_single`` (uneven split sizes,
@@ -11,8 +11,10 @@ one holding a slice of the 3-D expert weights, stored as DTensors so that checkp
 - ``tp > 1``: every rank keeps all experts but a slice of their hidden width (``w_up``/``w_gate`` column-parallel,
   ``w_down`` row-parallel, as Megatron splits a dense FFN); one all-reduce sums the partial outputs.
 
-Routing, capacity and the auxiliary losses stay in ``MoE``/``Router`` on each rank's own tokens, so the aux losses
-mean the same thing in every layout (they are per micro-batch of ``train.micro_batch_size`` sequences).
+The gates scale the rows once they are back on their own rank (after the all-to-all or the all-reduce), so they
+never travel. Routing, capacity and the auxiliary losses stay in ``MoE``/``Router`` on each rank's own tokens, so
+the aux losses mean the same thing in every layout (they are per micro-batch of ``train.micro_batch_size``
+sequences).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class ParallelExperts(nn.Module):
                 # Added once after the reduction below, not once per tp rank.
                 weights["b_down"] = torch.zeros_like(b_down)
             x = _CopyToTP.apply(x, self.group)
-        y = functional_call(self.__dict__["_template"], weights, (x, counts))
+        y = functional_call(self.__dict__["_template"], weights, (x, counts, None))
         if self.mode == "tp":
             y = _ReduceFromTP.apply(y, self.group)
             if b_down is not None:
@@ -144,10 +146,14 @@ class ParallelExperts(nn.Module):
                 y = y + b_down.to(y.dtype)[rows_expert]
         return y
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, d_model] sorted by global expert, ``counts`` [E] rows per expert -> [M, d_model]."""
-        if self.mode == "tp":
-            return self._compute(x, counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [M, d_model] sorted by global expert, ``counts`` [E] rows per expert, ``gates`` [M] scaling each
+        row's output (None: unscaled) -> [M, d_model]."""
+        y = self._compute(x, counts) if self.mode == "tp" else self._exchange_and_compute(x, counts)
+        return y if gates is None else y * gates.unsqueeze(-1).to(y.dtype)
+
+    def _exchange_and_compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """ep: rows to the ranks owning their experts, computed there, and back in the order they came."""
         if torch.is_autocast_enabled(x.device.type):
             # The experts compute in the autocast dtype anyway; casting first halves the bytes sent.
             x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -1,0 +1,36 @@
+"""MoE kernels as ops, one per file (megablocks-style); ``model/moe.py`` composes them.
+
+- ``permute``: sort a routing's assignments by expert, with an optional capacity (``permute.py``);
+- ``dispatch`` / ``combine``: tokens to expert-sorted rows and back, as gathers where possible
+  (``dispatch.py``, ``combine.py``);
+- ``ExpertLoop``: the CPU expert FFN kernel, a custom autograd Function walking the experts (``expert_loop.py``),
+  with its settings (``settings.py``), its thread groups (``thread_groups.py``) and its recycled gradient memory
+  (``grad_buffers.py``);
+- ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``).
+
+Nothing here knows about modules or ranks: tensors in, tensors out.
+"""
+
+from sparselm.ops.combine import combine
+from sparselm.ops.dispatch import dispatch
+from sparselm.ops.expert_loop import ExpertLoop, default_expert_loop
+from sparselm.ops.grad_buffers import GradBuffers
+from sparselm.ops.grouped_mm import grouped_experts, grouped_matmul
+from sparselm.ops.permute import Permutation, permute
+from sparselm.ops.settings import ExpertLoopSettings
+from sparselm.ops.thread_groups import ExpertThreads, split_experts
+
+__all__ = [
+    "ExpertLoop",
+    "ExpertLoopSettings",
+    "ExpertThreads",
+    "GradBuffers",
+    "Permutation",
+    "combine",
+    "default_expert_loop",
+    "dispatch",
+    "grouped_experts",
+    "grouped_matmul",
+    "permute",
+    "split_experts",
+]
