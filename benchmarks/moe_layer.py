@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparselm.config import MoEConfig
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
@@ -40,80 +41,6 @@ DOCS = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- moe_layer:start -->", "<!-- moe_layer:end -->"
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 DTYPES = ("fp32", "bf16", "bf16-pure")
-
-# Measured while optimising moe.py (same script, E=64, top-2, 8,192 tokens, medians, machine shared; see the report
-# for the load). Kept here so that --write-docs regenerates the whole section in one command.
-WHAT_WE_TRIED = """\
-What we tried (E=64, top-2, 8,192 tokens, bf16 autocast unless stated; ms per forward+backward, medians of runs
-interleaved with the dense FFN in one process; "x" = MoE / dense). The machine was shared, so every change was also
-measured with 1 thread (`torch.set_num_threads(1)`), where other jobs only take a core away instead of stalling
-OpenMP barriers; those ratios were stable to about +-0.03 between runs.
-
-| step | 1 thread | 2 threads |
-|---|---:|---:|
-| dense SwiGLU FFN, d_ff 2048 | 1,051 | 565 |
-| starting point: grouped_mm, autocast weight casts, index_add | 1,713 (1.63x) | 1,036 (1.83x) |
-| per-expert loop in a custom autograd Function | 1,364 (1.30x) | 948 (1.68x) |
-| + gathers instead of scatters, gates folded into the loop | 1,444 (1.37x) | 963 (1.70x) |
-| + recycled expert-gradient memory | 1,172 (1.12x) | 864 (1.53x) |
-
-fp32, 1 thread: dense 2,738; starting point 4,097 (1.50x); loop 3,338 (1.22x); + gathers 2,898 (1.06x);
-+ recycled gradients 2,794 (1.02x).
-
-- **Profile of the starting point**: matmuls were ~55% of the time, `copy_` ~30%: bf16 copies of all E experts'
-  weights every step (3 x 67 MB), grouped_mm's full-size bf16 weight gradients (3 x 67 MB) and their fp32 casts
-  (3 x 134 MB). Every fresh buffer above 32 MB is a new mmap here, faulted in 4 KiB pages: allocating and filling
-  134 MB takes 40-80 ms against 7 ms to refill an existing buffer.
-- **Per-expert loop (kept; `Experts.impl="loop"`, the CPU default)**: casts one expert's weights at a time (cache
-  sized, no big allocation), writes the weight gradients straight into the fp32 gradient (one expert-sized bf16
-  temporary under autocast), recomputes silu(g)*u in the backward instead of saving it. On CPU `grouped_mm` is
-  itself a loop of per-group GEMMs (with 1 thread no faster than a Python loop of `torch.mm`), so nothing is lost in
-  the matmuls.
-- **Gathers instead of scatters (kept)**: dispatch/combine as autograd Functions whose backward gathers through the
-  inverse permutation (dropless) instead of `index_put`/`index_add`; x cast to bf16 before the gather; gates folded
-  into the loop (their gradient `<dy W_down^T, a>` uses tensors already in cache). Neutral within noise in bf16,
-  -14% in fp32; deterministic (no atomics) and it keeps stride-0 gradients away from grouped_mm's backward.
-- **Recycled gradient memory (kept)**: autograd adopts the returned gradient as `.grad` without copying, so the loop
-  returns a tensor on storage it keeps; after `zero_grad(set_to_none=True)` the next backward reuses the mapped
-  memory. A buffer is reused only when no tensor at all refers to its storage (checked with the storage use
-  count), so live gradients and views of them are never overwritten (tested). Page faults per step: ~110k -> 15-45k.
-  Costs up to two gradient-sized buffers per expert weight kept between steps; `REUSE_GRAD_BUFFERS` turns it off.
-- **Huge pages for big buffers (dropped)**: `madvise(MADV_HUGEPAGE)` before first touch cut page faults per step
-  from ~110k to ~4k and an isolated 134 MB allocate+fill from 57 to 11 ms, but whole-layer steps became slower
-  and erratic (1.1-2.1 s against 1.34-1.44 s, 1 thread) on this VM.
-- **Casting each weight once per step into persistent bf16 buffers (dropped)**: saves the backward re-cast but adds
-  the writes of a 200 MB buffer: 1,104 vs 1,116 ms (1 thread), not worth a bf16 copy of every expert kept alive.
-- **Elementwise work over all rows at once, GEMMs alone in the loop (dropped)**: 982 vs 912 ms (2 threads).
-- **Gate and up as one [d, 2f] GEMM per expert (dropped)**: 98 vs 97 ms for 64 experts' forward projections,
-  dgrad 94 vs 100, wgrad 90 vs 86: no gain for a concatenation per expert.
-- **Allocator tuning, process-wide (not in the layer)**: `mallopt(M_MMAP_THRESHOLD, 1 GiB)` keeps freed memory for
-  reuse: dense 530 -> 464 ms, starting-point MoE 1,010 -> 640 ms (2 threads). A setting for the training entry
-  point; the numbers in the table use the default allocator.
-- **Experts split over threads (kept, 2026-11-30; `SPARSELM_EXPERT_THREADS`; by default one group per intra-op
-  thread when the experts average fewer than 1,024 rows)**: with 2 threads every expert-sized GEMM was itself split
-  over both cores, thousands of times per step.
-  Now the experts are cut into 2 contiguous groups of similar cost (rows + a constant for the weight casts) that
-  run at the same time on 2 threads, each GEMM single-threaded; the result is bitwise the 1-thread serial loop's
-  (tested). E=64, top-2, 2 threads, both kernels in the same session, 3 repeats: bf16 558 -> 507 ms (dense 443 /
-  430: 1.26x -> 1.18x), fp32 1,088 -> 1,031 ms (dense 993 / 1,006: 1.10x -> 1.02x). The bf16 row of E=64 top-2
-  measured 1.116, 1.121, 1.179, 1.215, 1.221 and 1.227x in six runs of the split kernel that session (the 1.179
-  is the one above), 1.31x in a first full-table run (its dense FFN timed 399 ms against 423-471 ms elsewhere) and
-  1.14x in the table above: around the 1.25 target, within the run-to-run spread of this 2-core VM. Big experts
-  lose by the split: the default training config (8 experts, 1,024 rows each on average) ran 1,256 / 1,276 ms per
-  fp32 step split against 1,157 / 1,214 serial (`benchmarks/train.py`, alternating runs), hence the kernel splits
-  only experts that average fewer than 1,024 rows.
-- **Saving the forward's bf16 weight casts for the backward (dropped again, 2026-11-30)**: with the split kernel,
-  1.19x and 1.28x against 1.22x and 1.23x without (bf16, E=64, top-2, interleaved runs): no gain beyond noise.
-- **Casting into a per-thread scratch buffer that stays in cache (dropped, 2026-11-30)**: 1.13x and 1.17x against
-  1.22x and 1.12x: noise.
-- **What is left**: per-expert GEMMs get 256 rows (top-2) or 128 (top-1) instead of 8,192 and run 5-25% slower
-  (bf16, 2 threads: 355 vs 395 GFLOP/s at 256 rows, 233 at 64 rows); every step reads all E experts' fp32 weights
-  twice (forward and backward casts) and writes all E experts' gradients (3 x E x d x f x 4 bytes: 400 MB at E=64),
-  costs that grow with total, not active, parameters and that the equal-FLOPs dense FFN does not have (32x fewer
-  parameters at E=64, top-2). The bf16 rows pay most for this, since their GEMMs take half the fp32 time while the
-  fp32 weight reads and gradient writes stay the same size; bf16 weights (`bf16-pure`) remove the casts. The gap is
-  largest for E=128 top-1: 64 rows per expert and 128x the dense FFN's parameters."""
-
 
 # ------------------------------------------------------------------------------------------------------- timing
 
@@ -246,7 +173,7 @@ def batched_mm_gb(tokens: int, top_k: int, hidden: int, d_ff: int, bytes_per: in
 def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str) -> dict:
     torch.manual_seed(0)
     d, f, tokens = args.d_model, args.d_ff, args.tokens
-    moe = MoE(d, f, num_experts, top_k)
+    moe = MoE(d, f, MoEConfig(num_experts=num_experts, top_k=top_k))
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(std=0.02)
@@ -290,7 +217,7 @@ def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str
     steps = {"moe": make_step(moe, x, upstream, autocast), "dense": make_step(dense, x, upstream, autocast)}
     if args.ablate:
         # Same layer on the grouped_mm expert kernel, in the same run: the before/after of the expert kernel.
-        ablation = MoE(d, f, num_experts, top_k).to(moe.experts.w_up.dtype)
+        ablation = MoE(d, f, MoEConfig(num_experts=num_experts, top_k=top_k)).to(moe.experts.w_up.dtype)
         ablation.load_state_dict(moe.state_dict())
         ablation.experts.impl = "grouped_mm"
         steps["moe_grouped_mm"] = make_step(ablation, x, upstream, autocast)
@@ -331,7 +258,7 @@ def batched_mm_probe(args: argparse.Namespace, top_k: int) -> dict | None:
         return None
     torch.manual_seed(0)
     d, f, tokens = args.d_model, args.d_ff, args.batched_mm_probe_tokens
-    moe = MoE(d, f, 64, top_k)
+    moe = MoE(d, f, MoEConfig(num_experts=64, top_k=top_k))
     with torch.no_grad():
         for p in moe.experts.parameters():
             p.normal_(std=0.02)
@@ -357,7 +284,7 @@ def batched_mm_probe(args: argparse.Namespace, top_k: int) -> dict | None:
 def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace, load: tuple[float, float]) -> str:
     when = rows[-1].get("measured_utc", time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
     lines = [
-        f"Measured {when} UTC on {_cpu_name()}"
+        f"Measured {when} UTC on {cpu_name()}"
         f" ({os.cpu_count()} CPUs), {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
         f"{_transformers_version()}. One layer, forward + backward, {args.tokens:,} tokens, d_model {args.d_model}, "
         f"expert d_ff {args.d_ff}; dense = SwiGLU FFN with d_ff = top_k x {args.d_ff} (equal matmul FLOPs). Median "
@@ -405,7 +332,7 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -444,7 +371,7 @@ its script (`--write-docs`) between its own markers.
 
 def write_docs(table: str) -> None:
     text = DOCS.read_text() if DOCS.exists() else INTRO
-    block = f"{START}\n{table}\n\n{WHAT_WE_TRIED}\n{END}"
+    block = f"{START}\n{table}\n{END}"
     if START in text and END in text:
         head, rest = text.split(START, 1)
         text = head + block + rest.split(END, 1)[1]
