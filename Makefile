@@ -34,6 +34,7 @@ test: lint
 bench: venv
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/moe_layer.py --write-docs
+	$(BIN)/python benchmarks/ops.py --write-docs
 	$(BIN)/python benchmarks/train.py --write-docs
 	$(BIN)/python benchmarks/zero_memory.py --write-docs
 	$(BIN)/python benchmarks/comm_volume.py --write-docs

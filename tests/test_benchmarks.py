@@ -56,3 +56,13 @@ def test_moe_layer_benchmark_smallest_setting() -> None:
     rows = [r for r in rows if "num_experts" in r]
     assert [(r["num_experts"], r["top_k"], r["dtype"]) for r in rows] == [(8, 2, "fp32")]
     assert rows[0]["moe_ms"] > 0 and rows[0]["dense_ms"] > 0
+
+
+def test_ops_benchmark_smallest_setting() -> None:
+    args = ["--experts", "4", "--top-k", "2", "--tokens", "64", "--d-model", "16", "--d-ff", "32"]
+    rows = _run("ops.py", *args, "--repeats", "1", "--dtypes", "fp32", "--no-wait")
+    ops = [r["op"].split()[0].rstrip(",") for r in rows]
+    assert set(ops) == {"permute", "dispatch", "combine", "expert_loop", "grouped_experts"}, ops
+    assert all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
+    default = next(r for r in rows if r["op"] == "expert_loop (default settings)")
+    assert default["vs_default_loop"] == 1.0

@@ -1,0 +1,160 @@
+"""Micro-benchmarks of the MoE ops in ``sparselm.ops``, one per op, at the MoE-layer benchmark's shape.
+
+Each op is timed alone, forward + backward where it has one: ``permute`` (sort by expert, dropless and with a
+capacity), ``dispatch`` and ``combine`` (gathers), and the expert FFN kernels: ``ExpertLoop`` with its default
+settings, without the thread-group split (every GEMM on all threads), without gradient-buffer recycling, and
+``grouped_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert). All ops of one
+dtype are timed in interleaved rounds (A, B, C, A, B, C, ...) after one warm-up each; medians in ms. ``bf16`` =
+activations in bf16 over fp32 master weights (what autocast training hands the kernels).
+
+    python benchmarks/ops.py [--json] [--experts 64] [--top-k 2] [--tokens 8192] [--repeats 5] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe_layer import cpu_name, time_interleaved
+from sparselm.ops import ExpertLoop, ExpertLoopSettings, combine, dispatch, grouped_experts, permute
+from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- ops:start -->", "<!-- ops:end -->"
+
+
+def expert_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
+    """One step per op: name -> a callable running it (forward and backward where the op has a backward)."""
+    gen = torch.Generator().manual_seed(0)
+    t, d, f, e, k = args.tokens, args.d_model, args.d_ff, args.experts, args.top_k
+    experts = torch.randn(t, e, generator=gen).topk(k, dim=-1).indices
+    counts = torch.bincount(experts.flatten(), minlength=e)
+    gate_weights = torch.rand(t, k, generator=gen)
+    capacity = int(1.25 * t * k / e)
+    perm = permute(experts, counts)
+    m = perm.order.numel()
+    weights = [nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    w_up, w_gate, w_down = weights
+    x = torch.randn(t, d, generator=gen).to(dtype).requires_grad_(True)
+    rows = torch.randn(m, d, generator=gen).to(dtype).requires_grad_(True)
+    gates = perm.rows_of(gate_weights).requires_grad_(True)
+    up_rows = torch.randn(m, d, generator=gen).to(dtype)
+    up_tokens = torch.randn(t, d, generator=gen).to(dtype)
+
+    def clear() -> None:
+        for tensor in (*weights, x, rows, gates):
+            tensor.grad = None
+
+    def ffn(kernel: Callable) -> Callable[[], None]:
+        def step() -> None:
+            clear()
+            kernel(rows, gates, perm.counts, w_up, w_gate, w_down, None, None).backward(up_rows)
+
+        return step
+
+    def dispatch_step() -> None:
+        clear()
+        dispatch(x, perm).backward(up_rows)
+
+    def combine_step() -> None:
+        clear()
+        combine(rows, perm).backward(up_tokens)
+
+    return {
+        "permute (dropless)": lambda: permute(experts, counts),
+        "permute (capacity 1.25)": lambda: permute(experts, counts, capacity),
+        "dispatch": dispatch_step,
+        "combine": combine_step,
+        "expert_loop (default settings)": ffn(ExpertLoop(ExpertLoopSettings())),
+        "expert_loop, threads=1 (no split)": ffn(ExpertLoop(ExpertLoopSettings(threads=1))),
+        "expert_loop, reuse_grad_buffers=False": ffn(ExpertLoop(ExpertLoopSettings(reuse_grad_buffers=False))),
+        "grouped_experts (grouped_mm)": ffn(grouped_experts),
+    }
+
+
+def format_table(rows: list[dict], args: argparse.Namespace, note: str) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    lines = [
+        f"Measured {when} UTC on {cpu_name()} ({os.cpu_count()} CPUs), {args.threads} threads, torch "
+        f"{torch.__version__}. {args.tokens:,} tokens, top-{args.top_k} of {args.experts} experts, d_model "
+        f"{args.d_model}, expert d_ff {args.d_ff} (SwiGLU, no bias). Median of {args.repeats} interleaved runs, ms; "
+        "forward + backward except `permute`. 1-minute load average at the end "
+        f"{os.getloadavg()[0]:.2f} (2 cores: above ~0.2 beyond this run is someone else's work).",
+        "",
+        "| op | dtype | ms | fastest run ms | / expert_loop (default settings) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['vs_default_loop']:.2f}" if r.get("vs_default_loop") is not None else "-"
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['ms']:,.2f} | {r['ms_min']:,.2f} | {ratio} |")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    text = DOCS.read_text()
+    block = f"{START}\n{table}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## MoE ops (`benchmarks/ops.py`)\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object per row (and no table)")
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-ff", type=int, default=1024)
+    ap.add_argument("--dtypes", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for idle CPUs before each timed step")
+    ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
+    args = ap.parse_args()
+    note = ""
+    if args.dtypes:
+        dtypes = [d for d in args.dtypes.split(",") if d]
+        if not dtypes or set(dtypes) - {"fp32", "bf16"}:
+            ap.error(f"--dtypes takes fp32 and/or bf16, got {args.dtypes!r}")
+    elif bf16_is_fast(torch.device("cpu")):
+        dtypes = ["fp32", "bf16"]
+    else:
+        dtypes = ["fp32"]
+        note = f"bf16 rows skipped: {cpu_speeds_sentence()} (emulated). `--dtypes fp32,bf16` times them anyway."
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in dtypes:
+        steps = expert_steps(args, torch.float32 if name == "fp32" else torch.bfloat16)
+        times, _ = time_interleaved(steps, args.repeats, not args.no_wait)
+        default = statistics.median(times["expert_loop (default settings)"])
+        for op, ms in times.items():
+            row = {"op": op, "dtype": name, "ms": statistics.median(ms), "ms_min": min(ms)}
+            row["vs_default_loop"] = row["ms"] / default if op.startswith(("expert_loop", "grouped")) else None
+            row |= {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k, "repeats": args.repeats}
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    table = format_table(rows, args, note)
+    if not args.json:
+        print(table)
+    if args.write_docs:
+        write_docs(table)
+
+
+if __name__ == "__main__":
+    main()
