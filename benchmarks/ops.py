@@ -25,7 +25,7 @@ from torch import nn
 
 from moe_layer import cpu_name, time_interleaved
 from sparselm.ops import ExpertLoop, ExpertLoopSettings, combine, dispatch, grouped_experts, permute
-from sparselm.train.precision import bf16_is_fast, cpu_speeds_sentence
+from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sparselm.config import ConfigError
+from sparselm.errors import ConfigError
 from sparselm.ops import ExpertLoopSettings
 
 

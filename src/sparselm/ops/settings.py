@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sparselm.config import ConfigError
+from sparselm.errors import ConfigError
 
 THREADS_ENV = "SPARSELM_EXPERT_THREADS"
 
