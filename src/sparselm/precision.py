@@ -35,9 +35,14 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024, s
 
 @functools.cache
 def cpu_matmul_speeds() -> tuple[float, float]:
-    """(fp32, bf16) matmul FLOP/s of this CPU at the current thread count, from a brief 256 x 256 measurement
-    (about 0.1 s where bf16 is fast, 0.3 s where it is emulated)."""
-    return measure_matmul_flops(torch.float32, 256, 0.05), measure_matmul_flops(torch.bfloat16, 256, 0.05)
+    """(fp32, bf16) matmul FLOP/s of this CPU at the current thread count: the best of three interleaved 256 x 256
+    measurements per dtype (0.2-0.4 s in all), so that another process's load on a shared machine, which lowers
+    some windows, does not decide the precision."""
+    best = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for _ in range(3):
+        for dtype in best:
+            best[dtype] = max(best[dtype], measure_matmul_flops(dtype, 256, 0.03))
+    return best[torch.float32], best[torch.bfloat16]
 
 
 def cpu_speeds_sentence(speeds: tuple[float, float] | None = None) -> str:

@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.func import functional_call
 
-from sparselm.model.moe import MoE
+from sparselm.model.moe import MoE, compute_dtype
 
 
 class _AllToAll(torch.autograd.Function):
@@ -154,9 +154,7 @@ class ParallelExperts(nn.Module):
 
     def _exchange_and_compute(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """ep: rows to the ranks owning their experts, computed there, and back in the order they came."""
-        if torch.is_autocast_enabled(x.device.type):
-            # The experts compute in the autocast dtype anyway; casting first halves the bytes sent.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(compute_dtype(x))  # the experts compute in it anyway; under bf16 autocast it halves the bytes sent
         ep, local_e = self.size, self.num_local_experts
         send_counts = counts.view(ep, local_e)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)
