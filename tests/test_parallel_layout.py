@@ -60,6 +60,7 @@ def test_world_size_errors(overrides: list[str], world: int, message: str) -> No
         (["parallel.tp=8"], "model.n_heads=4 is not divisible by parallel.tp=8"),
         (["parallel.tp=2", "moe.d_ff_expert=33"], "moe.d_ff_expert=33 is not divisible by parallel.tp=2"),
         (["parallel.tp=2", "model.position=xl"], "supports model.position rope, absolute or none"),
+        (["parallel.tp=2", "model.qk_norm=true"], "does not support model.qk_norm"),
         (["parallel.ep=3"], "moe.num_experts=4 is not divisible by parallel.ep=3"),
         (["parallel.ep=2", "moe.num_experts=0"], "needs an MoE model"),
         (["parallel.ep=2", "parallel.tp=2"], "is not supported"),

@@ -91,6 +91,13 @@ def test_count_matches_model(position: str, ffn: str, norm: str, tie: bool, bias
     assert counts.active_non_embedding == counts.active - embedding
 
 
+def test_count_includes_qk_norm() -> None:
+    cfg = tiny("rope", "swiglu", "rmsnorm", True, False, MOE_VARIANTS["shared+d_ff_expert"])
+    cfg.model.qk_norm = True
+    model = Transformer(cfg.model, cfg.moe)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
 def test_count_is_instant_for_trillion_parameter_configs() -> None:
     cfg = load_preset("switch-c")
     start = time.perf_counter()

@@ -46,6 +46,7 @@ class ModelConfig:
     relative_max_distance: int = 128
     ffn: FFN = "swiglu"
     tie_embeddings: bool = True
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, OLMoE)
     bias: bool = False
     dropout: float = 0.0
     init_std: float = 0.02

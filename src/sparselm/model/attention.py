@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparselm.model.layers import apply_rope, sinusoid_table
+from sparselm.model.layers import RMSNorm, apply_rope, sinusoid_table
 
 
 class KVCache:
@@ -45,7 +45,16 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, bias: bool = False, position: str = "rope", dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        bias: bool = False,
+        position: str = "rope",
+        dropout: float = 0.0,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -55,6 +64,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
         self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        # QK-norm (Qwen3, OLMoE): RMSNorm over each head's query and key, one weight vector shared by all heads.
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         if position == "xl":
             self.w_rel = nn.Linear(d_model, d_model, bias=False)
             self.u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
@@ -85,6 +97,8 @@ class Attention(nn.Module):
         """``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain causal);
         ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:

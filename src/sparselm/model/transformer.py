@@ -43,7 +43,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, use_moe: bool) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.bias, cfg.position, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.bias, cfg.position, cfg.dropout, cfg.qk_norm, cfg.norm_eps)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         if use_moe:
             self.ffn: nn.Module = MoE(cfg.d_model, moe.d_ff_expert or cfg.d_ff, moe, cfg.ffn, cfg.bias)

@@ -37,6 +37,8 @@ def validate_parallel(cfg: Config) -> None:
             m.position in ("rope", "absolute", "none"),
             f"parallel.tp={p.tp} supports model.position rope, absolute or none, not {m.position!r}",
         )
+        # Each TP rank would see only its own heads in q_norm/k_norm's gradient, and the plan does not sum them.
+        _check(not m.qk_norm, f"parallel.tp={p.tp} does not support model.qk_norm")
     if p.sequence_parallel:
         _check(p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
         seq = cfg.data.seq_len

@@ -81,6 +81,7 @@ def count_params(cfg: Config) -> ParamCount:
     norm = d * (2 if (m.norm == "layernorm" and m.bias) else 1)  # RMSNorm never has a bias
     attn_matmul = 4 * d * d + (d * d if m.position == "xl" else 0)  # q/k/v/o, plus w_rel for Transformer-XL
     attn_other = (4 * d if m.bias else 0) + (2 * d if m.position == "xl" else 0)  # biases; u and v (H x head_dim)
+    attn_other += 2 * (d // m.n_heads) if m.qk_norm else 0  # q_norm and k_norm: one head_dim vector each
     ffn_matmul, ffn_bias = ffn_params(d, m.d_ff, m.ffn, m.bias)
 
     d_ff_expert = e.d_ff_expert or m.d_ff
