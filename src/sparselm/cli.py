@@ -99,11 +99,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparselm.checkpoint.files import export_checkpoint
+    from sparselm.interop.commands import run_export
 
-    out = export_checkpoint(args.ckpt, args.out)
-    print(f"wrote {out / 'model.safetensors'} (with config.toml and tokenizer.model: a checkpoint for one process)")
-    return 0
+    return run_export(args)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from sparselm.interop.commands import run_import
+
+    return run_import(args)
 
 
 def _load(ckpt: str):
@@ -253,10 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("export", help="consolidate a (sharded) checkpoint into one model.safetensors")
-    p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory (any layout)")
-    p.add_argument("--out", required=True, help="output directory: model.safetensors, config.toml, tokenizer.model")
+    from sparselm.interop.commands import add_export_arguments, add_import_arguments  # argparse only
+
+    p = verbs.add_parser(
+        "export", help="a checkpoint as one model.safetensors (default), a Hugging Face directory or a GGUF file"
+    )
+    add_export_arguments(p)
     p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("import", help="a Hugging Face model directory as a sparselm run (Llama, Mixtral, Qwen...)")
+    add_import_arguments(p)
+    p.set_defaults(func=cmd_import)
 
     p = verbs.add_parser("generate", help="generate text from a checkpoint (KV-cache decoding)")
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")

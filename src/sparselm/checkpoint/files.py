@@ -23,6 +23,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparselm.config import Config, load_config, to_toml
-from sparselm.errors import CheckpointError, ConfigError
+from sparselm.errors import CheckpointError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from sparselm.parallel.runtime import Runtime
@@ -81,12 +83,44 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def _write_usable_alone(out: Path, cfg: Config, state: dict, tokenizer_path: str | Path | None) -> None:
-    """What every checkpoint carries besides tensors: the trainer state, the config and the tokenizer."""
+# The tokenizer files a checkpoint may carry: SentencePiece (what sparselm trains), or an imported model's
+# Hugging Face tokenizer.json with its config (see sparselm.data.tokenizer.load_tokenizer).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_files(ckpt: Path) -> list[Path]:
+    return [Path(ckpt) / name for name in TOKENIZER_FILES if (Path(ckpt) / name).is_file()]
+
+
+def _write_usable_alone(out: Path, cfg: Config, state: dict, tokenizer: str | Path | list[Path] | None) -> None:
+    """What every checkpoint carries besides tensors: the trainer state, the config and the tokenizer (a
+    SentencePiece ``.model`` file, stored as tokenizer.model, or a list of tokenizer files kept under their names)."""
     (out / "trainer_state.json").write_text(json.dumps(state, indent=1))
     (out / "config.toml").write_text(to_toml(cfg))
-    if tokenizer_path is not None and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    for path in [tokenizer] if isinstance(tokenizer, str | Path) else tokenizer or []:
+        path = Path(path)
+        if path.is_file():
+            shutil.copyfile(path, out / ("tokenizer.model" if path.suffix == ".model" else path.name))
+
+
+@contextmanager
+def staged_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole directory or nothing: yields an empty temporary sibling of ``out`` that is published as
+    ``out`` when the block finishes and deleted if it raises. An existing non-empty ``out`` is refused unless
+    ``overwrite`` (then it is replaced only once the new one is complete)."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} already exists and is not empty; choose a new directory (or pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_dir(out.parent / f".tmp_{out.name}_{os.getpid()}")
+    try:
+        yield tmp
+        if out.exists() and not out.is_dir():
+            out.unlink()
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -157,7 +191,7 @@ def save_checkpoint(
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Write ``out/model.safetensors`` (one file, all weights), ``config.toml`` and ``tokenizer.model`` from any
+    """Write ``out/model.safetensors`` (one file, all weights), ``config.toml`` and the tokenizer from any
     checkpoint: a directory ``sparselm generate``/``ppl``/``eval`` load in one process and ``train --resume``
     continues from with a fresh optimizer. ``out`` appears only once complete; an existing non-empty ``out`` that
     is not an earlier export is refused."""
@@ -174,8 +208,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _fresh_dir(out.parent / f".tmp_{out.name}")
     save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"step": str(step), "exported_from": str(ckpt)})
-    tokenizer = ckpt / "tokenizer.model"
-    _write_usable_alone(tmp, cfg, {"step": step, "exported_from": str(ckpt)}, tokenizer)
+    _write_usable_alone(tmp, cfg, {"step": step, "exported_from": str(ckpt)}, tokenizer_files(ckpt))
     _publish(tmp, out)
     return out
 

@@ -84,3 +84,22 @@ def load_model_from_dcp(model: nn.Module, path: Path) -> None:
     state = {"model": model.state_dict()}
     _dcp_load(state, path)
     model.load_state_dict(state["model"])
+
+
+def model_tensor_metadata(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """(global shape, dtype) of every model tensor in a DCP checkpoint, from its metadata alone (no tensor read)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    return {
+        key.removeprefix("model."): (item.size, item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(item, TensorStorageMetadata)
+    }
+
+
+def load_model_tensors(path: Path, names: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Read only the named model tensors (whole, every rank's pieces) of a DCP checkpoint into one process."""
+    state = {"model": {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in names.items()}}
+    _dcp_load(state, path)
+    return state["model"]

@@ -1,4 +1,10 @@
-"""SentencePiece tokenizer: training from any ``iter_documents`` input and a small, loss-free wrapper.
+"""Tokenizers: the interface every part of sparselm uses, SentencePiece training and its loss-free wrapper.
+
+Two implementations satisfy ``TextTokenizer``: ``Tokenizer`` (SentencePiece, what ``sparselm tokenizer train``
+makes) and ``sparselm.data.hf_tokenizer.HFTokenizer`` (a Hugging Face ``tokenizer.json``, what an imported model
+brings). ``load_tokenizer(path)`` picks the right one for a file or a checkpoint directory.
+
+Choices that matter for the SentencePiece models sparselm trains:
 
 Choices that matter for a language model:
 
@@ -17,6 +23,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
@@ -185,6 +192,53 @@ def _explain_training_error(exc: RuntimeError, vocab_size: int) -> Exception:
             f"need at least {needed}; increase vocab_size or lower character_coverage"
         )
     return RuntimeError(f"SentencePiece training failed: {exc}")
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    """What sparselm needs from a tokenizer: ids for text and back, the end-of-document id, the file it came from."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eod_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 1) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def id_to_piece(self, token_id: int) -> str: ...
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """A SentencePiece ``.model`` file, a Hugging Face ``tokenizer.json``, or a directory holding either (a
+    checkpoint: SentencePiece first, as sparselm trains it; ``tokenizer.json`` for imported models)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / SENTENCEPIECE_FILE).is_file():
+            return Tokenizer.load(path / SENTENCEPIECE_FILE)
+        if (path / HF_TOKENIZER_FILE).is_file():
+            path = path / HF_TOKENIZER_FILE
+        else:
+            raise FileNotFoundError(f"{path} has no {SENTENCEPIECE_FILE} or {HF_TOKENIZER_FILE}")
+    if path.suffix == ".json":
+        from sparselm.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
 
 
 class Tokenizer:
