@@ -34,13 +34,17 @@ from sparselm.interop.mapping import (
 )
 
 
+def num_experts(hf: dict) -> int:
+    """transformers 5 writes Qwen3-MoE's ``num_experts`` as ``num_local_experts`` (an attribute alias)."""
+    return int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+
+
 def moe_every_from(hf: dict, n_layers: int) -> int:
     """sparselm's ``moe.moe_every`` for the layers ``decoder_sparse_step`` and ``mlp_only_layers`` make MoE;
     0 when there are none (a dense model). Placements no single ``moe_every`` gives are refused."""
     step = hf.get("decoder_sparse_step") or 1
     only = set(hf.get("mlp_only_layers") or [])
-    num_experts = hf.get("num_experts") or 0
-    layers = [i for i in range(n_layers) if num_experts > 0 and i not in only and (i + 1) % step == 0]
+    layers = [i for i in range(n_layers) if num_experts(hf) > 0 and i not in only and (i + 1) % step == 0]
     if not layers:
         return 0
     every = layers[0] + 1
@@ -106,7 +110,7 @@ class QwenMoE(Mapping):
             )
         d_ff_expert = hf_field(hf, "moe_intermediate_size")
         moe = MoEConfig(
-            num_experts=hf_field(hf, "num_experts"),
+            num_experts=num_experts(hf),
             top_k=top_k,
             moe_every=every,
             d_ff_expert=d_ff_expert if d_ff_expert != model.d_ff else 0,
