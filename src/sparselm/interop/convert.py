@@ -220,16 +220,28 @@ def nbytes(meta: torch.Tensor, dtype: torch.dtype | None) -> int:
 
 
 def plan_shards(
-    targets: list[Target], meta: dict[str, torch.Tensor], dtype: torch.dtype | None, max_bytes: int
+    targets: list[Target],
+    meta: dict[str, torch.Tensor],
+    dtype: torch.dtype | None,
+    max_bytes: int,
+    source: TensorSource,
 ) -> list[list[Target]]:
-    """Consecutive groups of targets of at most ``max_bytes`` each (a bigger tensor gets a shard of its own)."""
+    """Consecutive groups of targets whose outputs, and whose sources, each stay within ``max_bytes`` (a single
+    target bigger than that gets a group of its own): what bounds the memory of writing one group at a time."""
     shards: list[list[Target]] = [[]]
-    size = 0
+    size, loaded = 0, 0
+    sources: set[str] = set()
     for t in targets:
-        b = nbytes(meta[t.name], dtype)
-        if shards[-1] and size + b > max_bytes:
+        out = nbytes(meta[t.name], dtype)
+        new = [s for s in t.sources if s not in sources]
+        extra = sum(nbytes(source.meta(s), None) for s in new)
+        if shards[-1] and (size + out > max_bytes or loaded + extra > max_bytes):
             shards.append([])
-            size = 0
+            size, loaded, sources = 0, 0, set()
+            new = list(t.sources)
+            extra = sum(nbytes(source.meta(s), None) for s in new)
         shards[-1].append(t)
-        size += b
+        size += out
+        loaded += extra
+        sources.update(new)
     return shards

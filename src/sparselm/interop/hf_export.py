@@ -114,7 +114,7 @@ def write_hf_weights(
     if missing:
         raise CheckpointError(f"the checkpoint has no tensor {missing[0]}")
     meta = output_meta(targets, source)
-    shards = plan_shards(targets, meta, dtype, max_bytes)
+    shards = plan_shards(targets, meta, dtype, max_bytes, source)
     total = sum(nbytes(meta[t.name], dtype) for t in targets)
     names = (
         [SINGLE_FILE]
