@@ -3,15 +3,15 @@ parameters drawn so that nothing is at its neutral init (norm weights != 1, bias
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparselm.checkpoint.files import write_weights_checkpoint
+from sparselm.checkpoint.files import save_checkpoint
 from sparselm.config import Config, DataConfig, ModelConfig, MoEConfig, validate
 from sparselm.model.transformer import Transformer
+from sparselm.parallel.runtime import Runtime
 
 DENSE_GPT2 = {"position": "absolute", "norm": "layernorm", "ffn": "gelu"}
 # name -> (model fields, moe fields, the architecture export must choose)
@@ -75,12 +75,9 @@ def random_model(cfg: Config, seed: int = 0) -> Transformer:
     return randomize_(Transformer(cfg.model, cfg.moe), seed).eval()
 
 
-def write_checkpoint(model: Transformer, cfg: Config, tokenizer_model: Path, out: Path, step: int = 7) -> Path:
-    out.mkdir(parents=True)
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    write_weights_checkpoint(out, weights, cfg, {"step": step})
-    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
-    return out
+def write_checkpoint(model: Transformer, cfg: Config, tokenizer_model: Path, run: Path, step: int = 7) -> Path:
+    """A weights-only checkpoint as training writes one: RUN/checkpoints/step_..., returned."""
+    return save_checkpoint(run, step, model, cfg, Runtime(cfg, torch.device("cpu")), tokenizer_path=tokenizer_model)
 
 
 def sparselm_greedy(model: Transformer, prompt: list[int], new_tokens: int = 32) -> list[int]:

@@ -261,3 +261,36 @@ def test_cli_round_trip_and_generate(checkpoints, capsys, tmp_path: Path) -> Non
         code == 0
         and "LlamaForCausalLM" in (run_dir / "checkpoints" / "step_00000000" / "trainer_state.json").read_text()
     )
+
+
+def test_train_resumes_from_an_imported_run(checkpoints, tiny_dataset: Path, capsys, tmp_path: Path) -> None:
+    """An imported run is a weights-only checkpoint at step 0: train --resume starts from its weights with a fresh
+    optimizer (at a learning rate of ~0, the weights after two steps are still the imported ones)."""
+    from sparselm.checkpoint.inference import load_checkpoint
+
+    run_dir = tmp_path / "run"
+    assert run(capsys, "import", "--hf", str(checkpoints["moe-hf"]), "--out", str(run_dir))[0] == 0
+    imported = load_checkpoint(run_dir)[0].state_dict()
+    overrides = [
+        f"data.path={tiny_dataset}",
+        "data.seq_len=32",
+        "train.max_steps=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=4",
+        "train.precision=fp32",
+        "train.eval_every=0",
+        "optim.lr=1e-30",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0",
+        "checkpoint.every=2",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.peak_flops=1e11",
+    ]
+    argv = ["train", "--config", str(run_dir / "config.toml"), "--out", str(run_dir), "--resume"]
+    code, out, err = run(capsys, *[*argv, *[a for o in overrides for a in ("--set", o)]])
+    assert code == 0, err
+    assert "resumed from" in out + err and "step_00000000" in out + err
+    trained = load_checkpoint(run_dir)[0].state_dict()  # the latest: step 2
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+    assert all(torch.allclose(trained[k], imported[k], atol=1e-6) for k in imported)

@@ -23,9 +23,7 @@ from interop_models import (
 )
 from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.data.tokenizer import Tokenizer
-from sparselm.interop.hf_export import export_hf
-from sparselm.interop.hf_import import import_hf
-from sparselm.interop.in_memory import to_transformers
+from sparselm.interop import export_hf, import_hf, to_transformers  # the public names other components use
 from sparselm.interop.tokenizer_files import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")

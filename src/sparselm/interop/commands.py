@@ -29,7 +29,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default="float32",
         help="hf and gguf: weight type (default float32, exact; bfloat16 halves the size)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (once the new one is complete)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="hf and gguf: replace --out if it exists (once the new one is complete)",
+    )
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +46,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "sparselm":
         from sparselm.checkpoint.files import export_checkpoint
 
-        out = export_checkpoint(args.ckpt, args.out, overwrite=args.overwrite)
+        out = export_checkpoint(args.ckpt, args.out)  # replaces an earlier export, refuses anything else
         print(f"wrote {out / 'model.safetensors'} (with config.toml and the tokenizer: a checkpoint for one process)")
         return 0
     if args.format == "hf":

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sparselm.checkpoint.files import staged_directory, write_weights_checkpoint
+from sparselm.checkpoint.files import save_checkpoint, staged_directory
 from sparselm.config import Config, to_toml, validate
 from sparselm.data.hf_tokenizer import HFTokenizer, special_tokens
 from sparselm.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, Tokenizer
@@ -28,8 +28,10 @@ from sparselm.errors import ConfigError, InputError
 from sparselm.interop.architectures import mapping_for
 from sparselm.interop.convert import RenamedSource, SafetensorsSource, build, missing_sources, output_meta
 from sparselm.interop.mapping import Mapping, Refusal
+from sparselm.model.transformer import Transformer
+from sparselm.parallel.runtime import Runtime
 
-IMPORTED_STEP_DIR = "step_00000000"
+IMPORTED_STEP_DIR = "step_00000000"  # what save_checkpoint names step 0
 # Text on which a SentencePiece tokenizer.model must give the ids of the checkpoint's tokenizer.json to be kept.
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -74,8 +76,6 @@ def _canonical_names(mapping: Mapping, keys: set[str]) -> dict[str, str]:
 
 
 def _import_weights(mapping: Mapping, cfg: Config, hf: dict, folder: Path) -> dict[str, torch.Tensor]:
-    from sparselm.model.transformer import Transformer
-
     raw = SafetensorsSource.hf_directory(folder)
     source = RenamedSource(raw, _canonical_names(mapping, raw.keys()))
     keys = source.keys()
@@ -174,13 +174,16 @@ def import_hf(hf_dir: str | Path, out: str | Path, overwrite: bool = False) -> I
         raise InputError(f"{folder}: config.json gives an invalid sparselm config: {exc}") from None
     weights = _import_weights(mapping, cfg, hf, folder)
     mapping.simplify(cfg, weights)
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe)
+    model.load_state_dict(weights, strict=True, assign=True)  # the imported tensors themselves, no copy
     with tempfile.TemporaryDirectory() as staging:
         tokenizer_files, used = _tokenizer_files(folder, hf, cfg.model.vocab_size, Path(staging))
-        state = {"step": 0, "imported_from": str(folder.resolve()), "architecture": mapping.architecture}
+        state = {"imported_from": str(folder.resolve()), "architecture": mapping.architecture}
         with staged_directory(out, overwrite) as tmp:
-            ckpt = tmp / "checkpoints" / IMPORTED_STEP_DIR
-            ckpt.mkdir(parents=True)
-            write_weights_checkpoint(ckpt, weights, cfg, state, tokenizer_files, {"imported_from": str(folder)})
+            # A weights-only checkpoint at step 0, written as training writes one: train --resume starts from it
+            # with a fresh optimizer.
+            save_checkpoint(tmp, 0, model, cfg, Runtime(cfg, torch.device("cpu")), None, None, state, tokenizer_files)
             (tmp / "config.toml").write_text(to_toml(cfg))
     out = Path(out)
     return ImportResult(out, out / "checkpoints" / IMPORTED_STEP_DIR, mapping.architecture, cfg, used)
