@@ -294,3 +294,23 @@ def test_train_resumes_from_an_imported_run(checkpoints, tiny_dataset: Path, cap
     trained = load_checkpoint(run_dir)[0].state_dict()  # the latest: step 2
     assert (run_dir / "checkpoints" / "step_00000002").is_dir()
     assert all(torch.allclose(trained[k], imported[k], atol=1e-6) for k in imported)
+
+
+def test_model_card_carries_config_tokens_and_eval_results(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    from sparselm.eval.harness import TaskResult, write_reports
+    from sparselm.interop import export_hf
+
+    cfg = tiny_config(tiny_tokenizer.vocab_size, moe={"num_experts": 4, "top_k": 2, "moe_every": 2})
+    ckpt = write_checkpoint(random_model(cfg), cfg, tiny_tokenizer.path, tmp_path / "run", step=7)
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        json.dumps({"step": 5, "tokens_seen": 12345}) + "\n" + json.dumps({"step": 9, "tokens_seen": 99999}) + "\n"
+    )
+    piqa = TaskResult("piqa", "multiple_choice", {"acc": {"value": 0.625, "stderr": 0.01}}, 80, 0)
+    write_reports([piqa], tmp_path / "run" / "eval", {"checkpoint": str(ckpt), "step": 7, "shots": 0})
+    export_hf(ckpt, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    assert "Qwen2MoeForCausalLM" in card and "4 experts, top-2" in card
+    assert "| training tokens | 12,345 (7 steps) |" in card  # the run's own count at the checkpoint's step
+    assert "| piqa | acc | 0.6250 | 0.0100 | 80 |" in card
+    assert "[moe]\nnum_experts = 4" in card

@@ -115,3 +115,32 @@ def test_hf_tokenizer_errors(tmp_path: Path, tiny_corpus: Path) -> None:
         HFTokenizer.load(path)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "empty_dir_that_does_not_exist")
+
+
+def test_imported_tokenizer_json_travels(tiny_corpus: Path, tmp_path: Path) -> None:
+    """A model whose only tokenizer is a tokenizer.json (GPT-2's byte-level BPE) imports with it: sparselm encodes and
+    decodes through it as AutoTokenizer does, generates text, and exports it again unchanged."""
+    import torch
+
+    from sparselm.checkpoint.inference import load_checkpoint
+    from sparselm.interop import export_hf, import_hf
+    from sparselm.model.generate import SamplingConfig, generate_text
+
+    folder = tmp_path / "gpt2"
+    byte_level_tokenizer(tiny_corpus, folder)
+    config = transformers.GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=64, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    result = import_hf(folder, tmp_path / "run")
+    assert result.tokenizer == "tokenizer.json"
+    model, _, tok = load_checkpoint(result.out)
+    assert isinstance(tok, HFTokenizer) and tok.eod_id == 0
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+        assert tok.encode(text) == auto(text)["input_ids"] and tok.decode(tok.encode(text)) == text
+    torch.manual_seed(0)
+    assert isinstance(generate_text(model, tok, ["Hello"], SamplingConfig(max_new_tokens=4, greedy=True))[0], str)
+
+    export_hf(result.out, tmp_path / "again")
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert all(again(t)["input_ids"] == auto(t)["input_ids"] for t in TEXTS)
+    assert again.eos_token == "<|endoftext|>"
