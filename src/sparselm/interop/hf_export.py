@@ -83,6 +83,7 @@ def hf_config_json(mapping: Mapping, cfg: Config, tokenizer, dtype: str) -> dict
         **mapping.hf_config(cfg),
         **_token_ids(tokenizer),
         "dtype": dtype,
+        "torch_dtype": dtype,  # what transformers 4 and vLLM read (transformers 5 accepts it silently)
     }
 
 
