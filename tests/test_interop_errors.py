@@ -134,7 +134,10 @@ MOE_REFUSALS = {
         "norm_topk_prob=true with num_experts_per_tok=1",
     ),
     "irregular placement": (lambda f: edit_config(f, mlp_only_layers=[3]), "puts experts in layers [1]"),
-    "qkv bias": (lambda f: edit_config(f, qkv_bias=True), "qkv_bias=true"),
+    "trained q/k/v bias": (
+        lambda f: edit_tensors(f, lambda t: t["model.layers.1.self_attn.q_proj.bias"].fill_(0.1)),
+        "model.layers.1.self_attn.q_proj.bias is not zero",
+    ),
 }
 
 

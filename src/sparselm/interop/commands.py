@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 ARCHITECTURES = ("llama", "mixtral", "qwen3_moe", "qwen2_moe", "gpt2")
 
@@ -59,6 +60,8 @@ def run_export(args: argparse.Namespace) -> int:
             f"wrote {result.out}: {result.architecture}, {result.total_bytes / 1e6:,.1f} MB of weights in "
             f"{result.shards} shard(s)"
         )
+        if not (result.out / "tokenizer.json").is_file():
+            print("sparselm: warning: the checkpoint has no tokenizer; the export has none either", file=sys.stderr)
         return 0
     from sparselm.interop.gguf_export import export_gguf
 

@@ -9,7 +9,9 @@ checkpoint whose gate weights were trained (not all zero) would need a gated sha
 
 Models without a shared expert export with ``shared_expert_intermediate_size = 0`` (how vLLM and transformers
 read "no shared expert": the shared branch is zero-width and adds nothing). Qwen2-MoE has no query/key norm, so
-every sparselm MoE with ``model.qk_norm = false`` that Mixtral cannot hold comes here.
+every sparselm MoE with ``model.qk_norm = false`` that Mixtral cannot hold comes here. Its q/k/v projections carry
+biases in every reader before transformers 5 made them optional (``qkv_bias``), so they are written as zeros with
+``qkv_bias = true``; import accepts q/k/v biases that are all zero and refuses trained ones.
 """
 
 from __future__ import annotations
@@ -18,8 +20,23 @@ import torch
 
 from sparselm.config import Config
 from sparselm.errors import InputError
-from sparselm.interop.mapping import Target, refuse, same, zeros
+from sparselm.interop.mapping import FILE, Target, refuse, same, zeros
 from sparselm.interop.qwen3_moe import QwenMoE
+
+
+def _with_zero_bias(target: Target, bias_name: str):
+    """``target``'s builder, after checking that the q/k/v bias (its last source) is exactly zero."""
+
+    def build(*tensors: torch.Tensor) -> torch.Tensor:
+        bias = tensors[-1]
+        if bias.device.type != "meta" and bool(bias.any()):
+            raise InputError(
+                f"{bias_name} is not zero: trained q/k/v biases without an output-projection bias have no sparselm "
+                "equivalent (model.bias covers every projection)"
+            )
+        return target.build(*tensors[:-1])
+
+    return build
 
 
 def _halve_if_ungated(layer: int):
@@ -47,7 +64,14 @@ class Qwen2Moe(QwenMoE):
     def hf_config(self, cfg: Config) -> dict:
         e = cfg.moe
         width = (e.d_ff_expert or cfg.model.d_ff) if e.shared_expert else 0
-        return {**super().hf_config(cfg), "shared_expert_intermediate_size": width, "qkv_bias": False}
+        return {**super().hf_config(cfg), "shared_expert_intermediate_size": width, "qkv_bias": True}
+
+    def export_targets(self, cfg: Config, layout: str = FILE) -> list[Target]:
+        d = cfg.model.d_model
+        zero_biases = [
+            zeros(f"model.layers.{i}.self_attn.{p}_proj.bias", (d,)) for i in range(cfg.model.n_layers) for p in "qkv"
+        ]
+        return super().export_targets(cfg, layout) + zero_biases
 
     def moe_layer_export(self, cfg: Config, i: int, layout: str) -> list[Target]:
         hf, sl = f"model.layers.{i}.mlp", f"layers.{i}.ffn"
@@ -65,8 +89,6 @@ class Qwen2Moe(QwenMoE):
         return targets
 
     def import_config(self, hf: dict) -> Config:
-        if hf.get("qkv_bias", True):
-            refuse("qkv_bias=true (biases on q/k/v only; sparselm's model.bias covers every projection)")
         cfg = super().import_config(hf)
         width = hf.get("shared_expert_intermediate_size") or 0
         if cfg.moe.enabled and width:
@@ -78,6 +100,17 @@ class Qwen2Moe(QwenMoE):
                 )
             cfg.moe.shared_expert = True
         return cfg
+
+    def import_targets(self, cfg: Config, hf: dict, keys: set[str]) -> list[Target]:
+        targets = super().import_targets(cfg, hf, keys)
+        if not hf.get("qkv_bias", True):  # transformers 4's Qwen2-MoE always has them (the field did not exist)
+            return targets
+        for i, t in enumerate(targets):
+            layer, _, rest = t.name.removeprefix("layers.").partition(".attn.")
+            if rest in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+                bias = f"model.layers.{layer}.self_attn.{rest.replace('weight', 'bias')}"
+                targets[i] = Target(t.name, (*t.sources, bias), _with_zero_bias(t, bias))
+        return targets
 
     def moe_layer_import(self, cfg: Config, i: int, hf: dict, keys: set[str]) -> list[Target]:
         targets = super().moe_layer_import(cfg, i, hf, keys)

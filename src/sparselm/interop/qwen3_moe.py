@@ -59,6 +59,8 @@ def moe_every_from(hf: dict, n_layers: int) -> int:
 class QwenMoE(Mapping):
     """Shared by the Qwen2-MoE and Qwen3-MoE mappings; not registered itself."""
 
+    qk_norm = False  # whether the architecture normalises queries and keys (Qwen3) or not (Qwen2)
+
     def check_export(self, cfg: Config) -> None:
         check_common_export(cfg, position="rope", norm="rmsnorm", ffn="swiglu", allow_bias=False, allow_dropout=False)
         if not cfg.moe.enabled:
@@ -97,7 +99,7 @@ class QwenMoE(Mapping):
         return targets
 
     def import_config(self, hf: dict) -> Config:
-        model, _ = backbone_model_config(hf, tie_default=False, qk_norm=self.model_type == "qwen3_moe")
+        model, _ = backbone_model_config(hf, tie_default=False, qk_norm=self.qk_norm)
         every = moe_every_from(hf, model.n_layers)
         if not every:
             return Config(model=model, moe=MoEConfig())
@@ -142,6 +144,7 @@ class Qwen3Moe(QwenMoE):
     name = "qwen3_moe"
     architecture = "Qwen3MoeForCausalLM"
     model_type = "qwen3_moe"
+    qk_norm = True
 
     def check_export(self, cfg: Config) -> None:
         super().check_export(cfg)
