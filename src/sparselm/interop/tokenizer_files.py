@@ -115,20 +115,24 @@ def tokenizer_config(tokenizer: TextTokenizer, model_max_length: int) -> dict:
 
 def write_tokenizer_files(tokenizer: TextTokenizer, out: Path, model_max_length: int) -> list[str]:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` (and ``tokenizer.model`` for SentencePiece) into ``out``;
-    returns the file names written."""
+    returns the file names written. A tokenizer.json beside the tokenizer (an imported model's) travels as it came,
+    with its config; otherwise it is built from the SentencePiece model."""
     written = []
-    if isinstance(tokenizer, Tokenizer):
+    folder = tokenizer.path.parent
+    if isinstance(tokenizer, Tokenizer) and not (folder / HF_TOKENIZER_FILE).is_file():
         sentencepiece_to_hf(tokenizer.path).save(str(out / HF_TOKENIZER_FILE))
         shutil.copyfile(tokenizer.path, out / SENTENCEPIECE_FILE)
         config = tokenizer_config(tokenizer, model_max_length)
         written += [HF_TOKENIZER_FILE, SENTENCEPIECE_FILE]
-    else:  # an imported model's tokenizer.json travels as it came, with its config
-        shutil.copyfile(tokenizer.path, out / HF_TOKENIZER_FILE)
-        written.append(HF_TOKENIZER_FILE)
-        source = tokenizer.path.parent / CONFIG_FILES[0]
+    else:
+        for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE):
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out / name)
+                written.append(name)
+        source = folder / CONFIG_FILES[0]
         config = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
         config.update({k: v for k, v in tokenizer_config(tokenizer, model_max_length).items() if k not in config})
-        config.update(special_tokens(tokenizer.path.parent))
+        config.update(special_tokens(folder))
     (out / CONFIG_FILES[0]).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     written.append(CONFIG_FILES[0])
     return written
