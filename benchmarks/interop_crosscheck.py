@@ -39,7 +39,7 @@ def main() -> None:
     from sparselm.checkpoint.inference import load_checkpoint
     from sparselm.eval.tasks import resolve_data_dir
     from sparselm.interop import export_hf, import_hf
-    from sparselm.interop.crosscheck import lm_eval_hf_scores, sparselm_scores
+    from sparselm.interop.crosscheck import lm_eval_hf_scores, sparselm_scores, task_files
 
     ckpt = resolve_checkpoint(args.ckpt)
     data = resolve_data_dir(args.data_dir)
@@ -54,11 +54,12 @@ def main() -> None:
         seconds["import"] = time.perf_counter() - start
         ours, back = load_checkpoint(ckpt)[0].state_dict(), load_checkpoint(imported.out)[0].state_dict()
         bitwise = ours.keys() == back.keys() and all(torch.equal(ours[k], back[k]) for k in ours)
+        files = task_files(ckpt, data, tmp / "tasks")
         start = time.perf_counter()
-        mine = sparselm_scores(ckpt, data, limit=args.limit)
+        mine = sparselm_scores(ckpt, files, limit=args.limit)
         seconds["sparselm eval"] = time.perf_counter() - start
         start = time.perf_counter()
-        theirs = lm_eval_hf_scores(tmp / "hf", data, tmp / "tasks", limit=args.limit)
+        theirs = lm_eval_hf_scores(tmp / "hf", files, tmp / "tasks", limit=args.limit)
         seconds["lm-eval hf"] = time.perf_counter() - start
 
     rows = [
@@ -67,7 +68,7 @@ def main() -> None:
             "metric": m,
             "sparselm": mine[t][m],
             "lm_eval_hf": theirs[t][m],
-            "diff": abs(mine[t][m] - theirs[t][m]),
+            "diff": relative(mine[t][m], theirs[t][m]),
         }
         for t in mine
         for m in mine[t]
@@ -78,6 +79,7 @@ def main() -> None:
         "weights_mb": exported.total_bytes / 1e6,
         "round_trip_bitwise": bitwise,
         "limit": args.limit,
+        "left_out": files.left_out,
         "seconds": seconds,
     }
     if args.json:
@@ -95,6 +97,10 @@ def main() -> None:
         else:
             text = text.rstrip() + "\n\n## Cross-check on the demo checkpoint\n\n" + block + "\n"
         DOCS.write_text(text)
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b)) if a != b else 0.0
 
 
 def cpu_description() -> str:
@@ -115,17 +121,20 @@ def cpu_description() -> str:
 
 def format_table(rows: list[dict], summary: dict, threads: int) -> str:
     limit = f"first {summary['limit']} examples per task" if summary["limit"] else "every example"
+    if any(summary["left_out"].values()):
+        dropped = ", ".join(f"{n} {t}" for t, n in summary["left_out"].items() if n)
+        limit += f"; left out of both sides: {dropped} with an option longer than the model's context"
     lines = [
         f"`python benchmarks/interop_crosscheck.py --ckpt {summary['checkpoint']}` ({limit}, fp32): exported as "
         f"`{summary['architecture']}` ({summary['weights_mb']:.1f} MB), imported back "
         + ("bitwise equal" if summary["round_trip_bitwise"] else "**not** bitwise equal")
         + ".",
         "",
-        "| task | metric | `sparselm eval` | lm-eval `hf` on the export | difference |",
+        "| task | metric | `sparselm eval` | lm-eval `hf` on the export | relative difference |",
         "|---|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['task']} | {r['metric']} | {r['sparselm']:.6f} | {r['lm_eval_hf']:.6f} | {r['diff']:.1e} |" for r in rows
+        f"| {r['task']} | {r['metric']} | {r['sparselm']:.6g} | {r['lm_eval_hf']:.6g} | {r['diff']:.1e} |" for r in rows
     ]
     times = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
     lines += [
