@@ -199,17 +199,17 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 
     ckpt = resolve_checkpoint(ckpt)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
+    earlier_export = (out / "model.safetensors").is_file()
+    if out.exists() and any(out.iterdir()) and not earlier_export:
         raise CheckpointError(f"{out} exists and is not an earlier export: choose a new --out")
     cfg = load_config_from_checkpoint(ckpt)
     model = Transformer(cfg.model, cfg.moe)
     load_model_weights(model, ckpt)
     step = read_trainer_state(ckpt).get("step", 0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out.parent / f".tmp_{out.name}")
-    save_file(_weights(model), str(tmp / "model.safetensors"), metadata={"step": str(step), "exported_from": str(ckpt)})
-    _write_usable_alone(tmp, cfg, {"step": step, "exported_from": str(ckpt)}, tokenizer_files(ckpt))
-    _publish(tmp, out)
+    with staged_directory(out, overwrite=earlier_export) as tmp:
+        meta = {"step": str(step), "exported_from": str(ckpt)}
+        save_file(_weights(model), str(tmp / "model.safetensors"), metadata=meta)
+        _write_usable_alone(tmp, cfg, {"step": step, "exported_from": str(ckpt)}, tokenizer_files(ckpt))
     return out
 
 
