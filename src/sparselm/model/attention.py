@@ -12,6 +12,8 @@ heads can be applied to this module from outside.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,8 +21,59 @@ from torch import nn
 from sparselm.model.layers import RMSNorm, apply_rope, sinusoid_table
 
 
+def causal_slots(past: int, new: int, k_valid: torch.Tensor) -> torch.Tensor:
+    """Which keys each of ``new`` queries in slots ``past..`` may see, keys being slots ``0..`` of one row each:
+    earlier or same slots holding real tokens (``k_valid`` [B, Tk]) -> [B, new, Tk] bool. A query always sees its
+    own slot, which keeps padding rows finite (their outputs are never used)."""
+    q_slot = torch.arange(past, past + new, device=k_valid.device).unsqueeze(1)
+    k_slot = torch.arange(k_valid.shape[1], device=k_valid.device).unsqueeze(0)
+    return ((k_slot <= q_slot) & k_valid.unsqueeze(1)) | (k_slot == q_slot)
+
+
+class KeyGroup:
+    """Queries that meet their keys in one attention call, and the positions their mask and biases come from.
+
+    ``allowed`` [B, Tq, Tk] says which keys each query sees; ``q_positions`` [B, Tq] and ``k_positions`` [B, Tk]
+    give the distances for relative biases. ``queries`` takes the group's queries [B, H, Tq, hd] out of the
+    forward's [B', H, T, hd] queries and ``outputs`` puts the group's attention output back in that layout;
+    the outputs of a forward's groups, concatenated along the token axis in order, make its whole output.
+    This base class is the one-group case: the whole input, as it is.
+    """
+
+    def __init__(self, q_positions: torch.Tensor, k_positions: torch.Tensor, allowed: torch.Tensor) -> None:
+        self.q_positions = q_positions
+        self.k_positions = k_positions
+        self.allowed = allowed
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+class AttentionCache(Protocol):
+    """Where keys and values live between forwards, and which keys each new query meets.
+
+    The transformer calls ``groups`` once per forward (before any layer), then every attention layer ``store``s
+    its new keys/values and attends each group's queries to ``keys(layer, group)``; ``advance`` ends the forward.
+    ``KVCache`` (one contiguous row per sequence, for ``generate``) is one implementation; a paged cache that
+    serves a packed batch of sequences of different lengths (``sparselm.serve``) is another.
+    """
+
+    def groups(self, positions: torch.Tensor, valid: torch.Tensor) -> list[KeyGroup]: ...
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, num_tokens: int) -> None: ...
+
+
 class KVCache:
-    """Pre-allocated keys/values for every layer plus, per slot, its position and whether it is a real token."""
+    """Pre-allocated keys/values for every layer plus, per slot, its position and whether it is a real token.
+
+    Every row gets the same number of new slots per forward; ``length`` slots of each row are filled."""
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
         self.k = torch.zeros(n_layers, batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
@@ -37,11 +90,23 @@ class KVCache:
         self.positions[:, self.length : end] = positions
         self.valid[:, self.length : end] = valid
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def groups(self, positions: torch.Tensor, valid: torch.Tensor) -> list[KeyGroup]:
+        self.append_meta(positions, valid)
+        end = self.length + positions.shape[1]
+        allowed = causal_slots(self.length, positions.shape[1], self.valid[:, :end])
+        return [KeyGroup(positions, self.positions[:, :end], allowed)]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
+
+    def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        end = group.k_positions.shape[1]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
 
 
 class Attention(nn.Module):
@@ -91,24 +156,34 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         attn_bias: torch.Tensor | None = None,
         distance: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
+        groups: list[tuple[KeyGroup, torch.Tensor, torch.Tensor | None]] = (),
         layer: int = 0,
     ) -> torch.Tensor:
-        """``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain causal);
-        ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``."""
+        """Without a cache, ``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain
+        causal) and ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``. With a
+        cache, every (group, bias, distance) of ``groups`` is one attention call over the keys the cache holds."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
+        if cache is None:
+            y = self._attend(q, k, v, attn_bias, distance)
+        else:
+            cache.store(layer, k, v)
+            outputs = []
+            for group, bias, dist in groups:
+                k_all, v_all = cache.keys(layer, group)
+                outputs.append(group.outputs(self._attend(group.queries(q), k_all, v_all, bias, dist)))
+            y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return self.o_proj(y.transpose(1, 2).flatten(-2))
+
+    def _attend(self, q, k, v, attn_bias: torch.Tensor | None, distance: torch.Tensor | None) -> torch.Tensor:
         if self.position == "xl":
             attn_bias = attn_bias + self._xl_bias(q, distance)
             q = q + self.u.unsqueeze(1).to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         if attn_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout)
-        return self.o_proj(y.transpose(1, 2).flatten(-2))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout)

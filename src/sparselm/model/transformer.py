@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparselm.config import ModelConfig, MoEConfig
 from sparselm.errors import InputError
-from sparselm.model.attention import Attention, KVCache
+from sparselm.model.attention import Attention, AttentionCache, KVCache, causal_slots
 from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
 from sparselm.model.moe import MoE, MoEStats
 
@@ -128,14 +128,18 @@ class Transformer(nn.Module):
         *,
         positions: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         last_only: bool = False,
+        output_rows: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """``idx`` [B, T] token ids. ``positions`` [B, T] (default: 0.. or continuing the cache), ``valid`` [B, T]
-        False for padding. With ``cache`` the new keys/values are appended to it and ``cache.length`` advances."""
+        """``idx`` [B, T] token ids. ``positions`` [B, T] (default: 0.. or continuing a ``KVCache``), ``valid`` [B, T]
+        False for padding. With ``cache`` the new keys/values are stored in it and the cache says which keys each
+        query attends to (see ``AttentionCache``). Logits: [B, T, V]; [B, 1, V] with ``last_only``; [R, V] for the
+        tokens ``output_rows`` [R] of the flattened [B * T] input with ``output_rows`` (the others are not computed).
+        """
         B, T = idx.shape
-        past = cache.length if cache is not None else 0
         if positions is None:
+            past = cache.length if cache is not None else 0
             positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
@@ -147,7 +151,7 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions)
         x = self.drop(x)
 
-        attn_kwargs = self._attention_inputs(positions, valid, cache, past)
+        attn_kwargs = self._attention_inputs(positions, valid, cache)
         token_valid = None if bool(valid.all()) else valid
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
@@ -155,8 +159,10 @@ class Transformer(nn.Module):
             if layer_stats is not None:
                 stats.append(layer_stats)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
 
+        if output_rows is not None:
+            x = x.flatten(0, 1).index_select(0, output_rows)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -169,35 +175,33 @@ class Transformer(nn.Module):
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         return ModelOutput(logits, loss, aux, z, stats)
 
-    def _attention_inputs(self, positions, valid, cache: KVCache | None, past: int) -> dict:
-        """Everything attention needs besides x: RoPE tables, the additive mask/bias, XL distances, the cache."""
+    def _attention_inputs(self, positions, valid, cache: AttentionCache | None) -> dict:
+        """Everything attention needs besides x: RoPE tables, the additive mask/bias and XL distances (one set per
+        key group of the cache, or one for the input itself), the cache."""
         cfg = self.cfg
         kwargs: dict = {"cache": cache}
         if cfg.position == "rope":
             kwargs["rope"] = rope_cos_sin(positions, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         if cache is not None:
-            cache.append_meta(positions, valid)
-            k_pos = cache.positions[:, : past + positions.shape[1]]
-            k_valid = cache.valid[:, : past + positions.shape[1]]
-        else:
-            k_pos, k_valid = positions, valid
-        needs_mask = cache is not None or not bool(valid.all()) or cfg.position in ("relative", "xl")
-        if not needs_mask:
+            groups = cache.groups(positions, valid)
+            kwargs["groups"] = [(g, *self._bias(g.q_positions, g.k_positions, g.allowed)) for g in groups]
+            return kwargs
+        if bool(valid.all()) and cfg.position not in ("relative", "xl"):
             return kwargs  # plain causal attention: SDPA's is_causal fast path
-        T, Tk = positions.shape[1], k_pos.shape[1]
-        q_slot = torch.arange(past, past + T, device=positions.device).unsqueeze(1)
-        k_slot = torch.arange(Tk, device=positions.device).unsqueeze(0)
-        # A query always sees its own slot: keeps padding rows finite (their outputs are never used).
-        allowed = ((k_slot <= q_slot) & k_valid.unsqueeze(1)) | (k_slot == q_slot)  # [B, Tq, Tk]
-        bias = torch.zeros(allowed.shape, device=positions.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
-        distance = (positions.unsqueeze(2) - k_pos.unsqueeze(1)).clamp(min=0)  # [B, Tq, Tk]
+        allowed = causal_slots(0, positions.shape[1], valid)
+        kwargs["attn_bias"], kwargs["distance"] = self._bias(positions, positions, allowed)
+        return kwargs
+
+    def _bias(self, q_pos, k_pos, allowed) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Additive attention bias [B, 1 or H, Tq, Tk] (-inf where not ``allowed``, plus T5's learned relative bias)
+        and, for ``xl``, the query-minus-key distances [B, Tq, Tk]."""
+        cfg = self.cfg
+        bias = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+        distance = (q_pos.unsqueeze(2) - k_pos.unsqueeze(1)).clamp(min=0)  # [B, Tq, Tk]
         if self.rel_bias is not None:
             buckets = relative_bucket(distance, cfg.relative_buckets, cfg.relative_max_distance)
             bias = bias + self.rel_bias(buckets).permute(0, 3, 1, 2)
-        kwargs["attn_bias"] = bias
-        if cfg.position == "xl":
-            kwargs["distance"] = distance
-        return kwargs
+        return bias, (distance if cfg.position == "xl" else None)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.cfg

@@ -1,0 +1,318 @@
+"""The serving engine: continuous batching over a paged KV cache, one packed forward of the model per step.
+
+No HTTP here: ``Engine`` is used from Python (``generate`` runs prompts to completion) and by the server, which
+runs ``step`` in a thread of its own (``EngineLoop``) and hears from each sequence through its ``sink``.
+
+One step: take new requests and aborts; schedule (``Scheduler``); lay the scheduled tokens out as one packed row
+(decoding sequences first, then prefill chunks) with each token's position and KV slot; one forward of the model
+under ``torch.inference_mode`` in which every MoE layer routes all of the step's tokens together (each expert
+multiplies one block of rows); logits only for the rows that sample a token or score a prompt token; sample each
+sequence with its own settings and generator; record tokens, logprobs and text; free what finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sparselm.errors import InputError
+from sparselm.model.moe import MoE
+from sparselm.model.transformer import Transformer
+from sparselm.precision import resolve_precision
+from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
+from sparselm.serve.params import EngineConfig, SamplingParams
+from sparselm.serve.sampling import sample_tokens, token_logprob
+from sparselm.serve.scheduler import Scheduler
+from sparselm.serve.sequence import Sequence, SequenceOutput, Status, TextTracker
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0  # of the requests that produced a first token
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0})
+
+
+class Engine:
+    """``model`` is converted in place: eval mode, and bf16 weights when the precision resolves to bf16."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        config: EngineConfig | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eod_id = getattr(tokenizer, "eod_id", None)
+        self.max_seq_len = model.cfg.max_seq_len
+        device = model.tok_emb.weight.device
+        self.device = device
+        self.precision = resolve_precision(config.precision, device, warn)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        model.eval()
+        model.to(self.dtype)
+        moe = model.moe_cfg
+        if moe.enabled and not moe.dropless and moe.eval_capacity_factor < moe.num_experts / moe.top_k and warn:
+            warn(
+                f"moe.eval_capacity_factor={moe.eval_capacity_factor} < num_experts / top_k: experts can drop tokens, "
+                "so a request's output depends on what else is in its batch"
+            )
+        cfg = model.cfg
+        bs = config.block_size
+        per_block = PagedKVCache.bytes_per_block(cfg.n_layers, bs, cfg.d_model, self.dtype)
+        blocks_per_seq = -(-cfg.max_seq_len // bs)
+        if config.kv_cache_memory:
+            num_blocks = config.kv_cache_memory // per_block
+            if num_blocks < blocks_per_seq:
+                raise InputError(
+                    f"kv_cache_memory={config.kv_cache_memory:,} bytes holds {num_blocks} blocks of {bs} tokens "
+                    f"({per_block:,} bytes each); one sequence of model.max_seq_len={cfg.max_seq_len} needs "
+                    f"{blocks_per_seq} ({blocks_per_seq * per_block:,} bytes)"
+                )
+        else:
+            num_blocks = config.max_num_seqs * blocks_per_seq
+        self.pool = BlockPool(num_blocks, config.prefix_caching)
+        self.kv = PagedKVCache(cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.dtype, device)
+        self.kv_bytes = num_blocks * per_block
+        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_batched_tokens)
+        self.moe_layers = [i for i, block in enumerate(model.layers) if isinstance(block.ffn, MoE)]
+        experts = moe.num_experts if self.moe_layers else 0
+        self.expert_load = torch.zeros(len(self.moe_layers), experts, dtype=torch.long)
+        self.stats = EngineStats()
+        self._seeds = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: deque[str] = deque()
+        self._lock = threading.Lock()
+        self._by_request: dict[str, list[Sequence]] = {}
+        self.wakeup = threading.Event()
+
+    # ------------------------------------------------------------------------------------------- requests
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise InputError("the prompt is empty: give at least one token")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise InputError(
+                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_seq_len} tokens "
+                f"(prompt plus output), so a prompt may have at most {self.max_seq_len - 1}"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        sink: Callable[[SequenceOutput], None] | None = None,
+    ) -> Sequence:
+        """Queue one sequence (thread-safe); it joins the running batch at the next step."""
+        self.check_prompt(prompt)
+        with self._lock:
+            seed = params.seed + index if params.seed is not None else int(torch.randint(2**62, (), generator=self._seeds))
+        seq = Sequence(next(self._ids), request_id, list(prompt), params, torch.Generator().manual_seed(seed))
+        seq.index, seq.sink = index, sink
+        seq.text_tracker = TextTracker(self.tokenizer, seq.prompt, params.stop)
+        with self._lock:
+            self._inbox.append(seq)
+        self.wakeup.set()
+        return seq
+
+    def abort(self, request_id: str) -> None:
+        """Cancel every sequence of a request (thread-safe); its blocks are free after the next step begins."""
+        with self._lock:
+            self._aborts.append(request_id)
+        self.wakeup.set()
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            new, self._inbox = list(self._inbox), deque()
+            aborts, self._aborts = list(self._aborts), deque()
+        for seq in new:
+            self._by_request.setdefault(seq.request_id, []).append(seq)
+            self.scheduler.add(seq)
+        for request_id in aborts:
+            for seq in self._by_request.get(request_id, []):
+                if seq.status is not Status.FINISHED:
+                    self._finish(seq, "abort")
+                    self._emit(seq, [], "", [], finished=True)
+
+    # ----------------------------------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(self) -> list[SequenceOutput]:
+        t0 = time.perf_counter()
+        self._take_inbox()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        plan.sort(key=lambda item: item[1] != 1)  # decoding sequences first (stable: oldest first)
+        ids, positions, chunks, rows, wants = [], [], [], [], []
+        for seq, n in plan:
+            start = seq.num_computed
+            base = len(ids)
+            ids.extend(seq.tokens[start : start + n])
+            positions.extend(range(start, start + n))
+            chunks.append(ScheduledChunk(start, n, seq.blocks))
+            first = len(rows)
+            if seq.needs_prompt_logprobs:
+                rows.extend(range(base, base + n))  # row p scores prompt token p + 1 (and the last samples)
+            elif start + n == seq.num_tokens:
+                rows.append(base + n - 1)
+            wants.append((first, len(rows)))
+        device = self.device
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        pos = torch.tensor([positions], dtype=torch.long, device=device)
+        cache = StepCache(self.kv, chunks, device)
+        row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        t1 = time.perf_counter()
+        out = self.model(idx, positions=pos, cache=cache, output_rows=row_index)
+        logits = out.logits.float()
+        t2 = time.perf_counter()
+        if out.moe_stats:
+            self.expert_load += torch.stack([s.tokens_per_expert for s in out.moe_stats]).cpu()
+        self.scheduler.computed(plan)
+        outputs = self._process(plan, logits, wants)
+        t3 = time.perf_counter()
+        self.stats.steps += 1
+        self.stats.seconds["schedule"] += t1 - t0
+        self.stats.seconds["forward"] += t2 - t1
+        self.stats.seconds["sample"] += t3 - t2
+        return outputs
+
+    def _process(self, plan, logits: torch.Tensor, wants) -> list[SequenceOutput]:
+        """Prompt logprobs, then one new token for every sequence whose last token was fed."""
+        sampling = []
+        for (seq, n), (first, last) in zip(plan, wants, strict=True):
+            if seq.status is not Status.RUNNING:
+                continue
+            if seq.needs_prompt_logprobs:
+                self._record_prompt_logprobs(seq, logits[first:last], seq.num_computed - n)
+            if seq.num_computed == seq.num_tokens and last > first:
+                sampling.append((seq, last - 1))
+        if not sampling:
+            return []
+        rows = torch.tensor([r for _, r in sampling])
+        chosen = logits.index_select(0, rows)
+        tokens = sample_tokens(chosen, [seq for seq, _ in sampling])
+        need_lp = [i for i, (seq, _) in enumerate(sampling) if seq.params.logprobs is not None]
+        logprobs = dict(zip(need_lp, torch.log_softmax(chosen[need_lp], dim=-1))) if need_lp else {}
+        outputs = []
+        now = time.monotonic()
+        for i, ((seq, _), token) in enumerate(zip(sampling, tokens, strict=True)):
+            lps = [token_logprob(logprobs[i], token, seq.params.logprobs)] if i in logprobs else []
+            outputs.append(self._accept(seq, token, lps, now))
+        return outputs
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first token has no context to be scored in
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for j in range(logits.shape[0]):
+            target = start + j + 1  # row j saw tokens up to start + j and predicts the next one
+            if target == len(seq.prompt_logprobs) and target < len(seq.prompt):
+                seq.prompt_logprobs.append(token_logprob(logprobs[j], seq.prompt[target], seq.params.prompt_logprobs))
+
+    def _accept(self, seq: Sequence, token: int, lps, now: float) -> SequenceOutput:
+        params = seq.params
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.prompt_tokens += len(seq.prompt)
+        if token == self.eod_id and not params.ignore_eos:
+            self._finish(seq, "stop")  # end of document: not part of the output
+            return self._emit(seq, [], self._text(seq, final=True), [], finished=True)
+        seq.append(token)
+        seq.output_logprobs.extend(lps)
+        seq.token_times.append(now)
+        self.stats.generation_tokens += 1
+        text = self._text(seq, final=False)
+        if seq.finish_reason == "stop":  # a stop string appeared
+            self._finish(seq, "stop")
+            return self._emit(seq, [token], text, lps, finished=True)
+        if len(seq.output) >= params.max_tokens or seq.num_tokens >= self.max_seq_len:
+            self._finish(seq, "length")
+            return self._emit(seq, [token], text + self._text(seq, final=True), lps, finished=True)
+        return self._emit(seq, [token], text, lps, finished=False)
+
+    def _text(self, seq: Sequence, final: bool) -> str:
+        text, delta, stopped = seq.text_tracker.update(seq.output, final)
+        seq.text = text
+        if stopped:
+            seq.finish_reason = "stop"
+        return delta
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        self.stats.finished[reason] += 1
+        siblings = self._by_request.get(seq.request_id, [])
+        if all(s.status is Status.FINISHED for s in siblings):
+            self._by_request.pop(seq.request_id, None)
+
+    def _emit(self, seq, tokens, delta, lps, finished: bool) -> SequenceOutput:
+        out = SequenceOutput(seq.request_id, seq.index, tokens, delta, lps, finished, seq.finish_reason, seq)
+        if seq.sink is not None:
+            seq.sink(out)
+        return out
+
+    # ------------------------------------------------------------------------------------------ library use
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run ``prompts`` (all queued at once) to completion; -> their finished sequences, in order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        seqs = [self.add_request(f"gen-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        while any(s.status is not Status.FINISHED for s in seqs):
+            self.step()
+        return seqs
+
+
+class EngineLoop:
+    """Runs ``engine.step`` in a background thread while there is work; sleeps on ``engine.wakeup`` otherwise."""
+
+    def __init__(self, engine: Engine, on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.engine = engine
+        self.on_error = on_error
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sparselm-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.wakeup.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            if not engine.has_work():
+                engine.wakeup.wait(0.5)
+                engine.wakeup.clear()
+                continue
+            try:
+                engine.step()
+            except Exception as exc:  # a bug: report it; the server answers 500 and the loop stops
+                if self.on_error is not None:
+                    self.on_error(exc)
+                raise

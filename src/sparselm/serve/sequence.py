@@ -1,0 +1,147 @@
+"""One sequence being served: its tokens, where its keys and values are, what it has produced, and its text.
+
+A sequence's tokens are its prompt followed by its output. ``num_computed`` of them have keys and values in the
+cache; the engine feeds ``tokens[num_computed:]`` (one token when decoding, a chunk of the prompt when prefilling,
+everything again after a preemption) and samples a new token whenever the forward reached the last one.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sparselm.serve.kv_cache import block_hash
+from sparselm.serve.params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # the N most likely tokens and their logprobs, best first
+
+
+@dataclass
+class SequenceOutput:
+    """What one step produced for one sequence (delivered to the sequence's sink)."""
+
+    request_id: str
+    index: int
+    new_tokens: list[int]
+    text_delta: str
+    logprobs: list[TokenLogprob]  # one per new token when logprobs were asked for
+    finished: bool
+    finish_reason: str | None  # stop | length | abort
+    seq: Sequence
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    arrival: float = field(default_factory=time.monotonic)
+    output: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # None for the first token
+    status: Status = Status.WAITING
+    num_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # of the full blocks of ``tokens``, in order
+    committed: int = 0  # blocks of ``blocks`` already offered to the prefix cache
+    finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""  # the output's text, cut before a stop string once one appears
+    preemptions: int = 0
+    tokens: list[int] = field(default_factory=list)  # prompt + output, kept as one list (read every step)
+    index: int = 0  # which choice of its request this sequence is
+    sink: Callable[[SequenceOutput], None] | None = None  # where the engine sends this sequence's outputs
+    text_tracker: TextTracker | None = None
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        self.output.append(token)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt)
+
+    def full_block_hashes(self, block_size: int) -> list[bytes]:
+        """Hashes of every full block of the tokens so far (extends the cached list as tokens arrive)."""
+        tokens = self.tokens
+        while (len(self.hashes) + 1) * block_size <= len(tokens):
+            i = len(self.hashes)
+            parent = self.hashes[-1] if self.hashes else b""
+            self.hashes.append(block_hash(parent, tokens[i * block_size : (i + 1) * block_size]))
+        return self.hashes
+
+
+class TextTracker:
+    """The output's text, released as deltas that never change afterwards.
+
+    SentencePiece drops the leading space of the first piece it decodes, so the output is decoded after a few prompt
+    tokens and that prefix's text is cut off. Text that may still change is held back: a trailing replacement
+    character (a multi-byte character split over byte tokens) and any tail that could begin a stop string.
+    """
+
+    ANCHOR = 4
+
+    def __init__(self, tokenizer, prompt: list[int], stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.anchor = prompt[-self.ANCHOR :]
+        self.anchor_text = tokenizer.decode(self.anchor)
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.released = 0
+
+    def decode(self, output: list[int]) -> str:
+        full = self.tokenizer.decode(self.anchor + output)
+        if full.startswith(self.anchor_text):
+            return full[len(self.anchor_text) :]
+        return self.tokenizer.decode(output)
+
+    def update(self, output: list[int], final: bool) -> tuple[str, str, bool]:
+        """-> (full text so far, new text to release, whether a stop string ended the output)."""
+        text = self.decode(output)
+        stopped = False
+        if self.stop:
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, stopped, final = text[:cut], True, True
+        stable = len(text)
+        if not final:
+            stable = max(self.released, len(text.rstrip("\ufffd")) - self.hold)
+        delta = text[self.released : stable]
+        self.released = max(self.released, stable)
+        return text, delta, stopped
+
+
+def token_text(tokenizer, token: int) -> str:
+    """How one token reads in a logprobs listing: its piece, with SentencePiece's word marker as a space and byte
+    pieces as their character where that is one byte of text."""
+    piece = tokenizer.id_to_piece(token)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        value = int(piece[3:5], 16)
+        return chr(value) if value < 0x80 else piece
+    return piece.replace("\u2581", " ")
