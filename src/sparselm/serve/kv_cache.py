@@ -6,7 +6,8 @@ block keeps its contents and its hash until it is handed out again, so a later r
 preempted request coming back) finds it; free blocks without a hash are handed out first, then cached ones in the
 order they were freed (least recently used first).
 
-``PagedKVCache`` holds the tensors, ``[layers, blocks, block_size, heads, head_dim]`` for keys and for values, and
+``PagedKVCache`` holds the tensors, ``[layers, heads, blocks, block_size, head_dim]`` for keys and for values (head
+major: a sequence's gathered keys are then contiguous per head, the layout attention kernels read fastest), and
 ``StepCache`` is one forward's view of it: the model's ``AttentionCache`` for a packed batch of sequences (see
 ``sparselm.model.attention``). The new tokens of a step are laid out as the decoding sequences (one token each)
 followed by each prefill chunk; the decoding sequences attend together in one call over their gathered blocks,
@@ -99,10 +100,35 @@ class PagedKVCache:
     """The key and value tensors of every layer, allocated once."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_heads: int, head_dim: int, dtype, device):
-        shape = (n_layers, num_blocks, block_size, n_heads, head_dim)
+        shape = (n_layers, n_heads, num_blocks, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+        # Gathered keys/values land in buffers kept from step to step: fresh multi-megabyte tensors every layer
+        # cost a page fault per 4 KiB, which made the gathers 10x slower than the copies themselves.
+        self._gather = {"k": torch.empty(0, dtype=dtype, device=device), "v": torch.empty(0, dtype=dtype, device=device)}
+
+    def gather(self, layer: int, which: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` of ``block_rows(layer, which)`` -> [len(rows), block_size * head_dim] in a reused buffer
+        (valid until the next gather of the same tensor)."""
+        src = self.block_rows(layer, which)
+        size = rows.numel() * src.shape[1]
+        buf = self._gather[which]
+        if buf.numel() < size:
+            buf = self._gather[which] = torch.empty(size, dtype=src.dtype, device=src.device)
+        out = buf[:size].view(rows.numel(), src.shape[1])
+        return torch.index_select(src, 0, rows, out=out)
+
+    def slot_rows(self, layer: int, which: str) -> torch.Tensor:
+        """``[heads * blocks * block_size, head_dim]``: one row per (head, slot) of one layer."""
+        return getattr(self, which)[layer].view(-1, self.head_dim)
+
+    def block_rows(self, layer: int, which: str) -> torch.Tensor:
+        """``[heads * blocks, block_size * head_dim]``: one row per (head, block) of one layer."""
+        return getattr(self, which)[layer].view(self.n_heads * self.num_blocks, -1)
 
     @staticmethod
     def bytes_per_block(n_layers: int, block_size: int, d_model: int, dtype: torch.dtype) -> int:
@@ -124,10 +150,10 @@ class _DecodeGroup(KeyGroup):
     def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed) -> None:
         super().__init__(q_pos, k_pos, allowed)
         self.rows = rows
-        self.block_table = block_table  # [B, max blocks]
+        self.block_table = block_table  # (rows of PagedKVCache.block_rows, B)
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
-        return q[:, :, self.rows].transpose(0, 2)  # [1, H, B, hd] -> [B, H, 1, hd]
+        return q[:, :, self.rows].transpose(0, 2).contiguous()  # [1, H, B, hd] -> [B, H, 1, hd]
 
     def outputs(self, y: torch.Tensor) -> torch.Tensor:
         return y.transpose(0, 2)
@@ -139,7 +165,7 @@ class _ChunkGroup(KeyGroup):
     def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed) -> None:
         super().__init__(q_pos, k_pos, allowed)
         self.rows = rows
-        self.block_table = block_table  # [1, blocks]
+        self.block_table = block_table  # (rows of PagedKVCache.block_rows, 1)
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return q[:, :, self.rows]
@@ -155,7 +181,10 @@ class StepCache:
         for c in chunks:
             for p in range(c.start, c.start + c.count):
                 slots.append(c.blocks[p // bs] * bs + p % bs)
-        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        heads = torch.arange(cache.n_heads, device=device).unsqueeze(1)
+        # rows of PagedKVCache.slot_rows that the new tokens' keys go to, head-major like the model's [1, H, N, hd]
+        self.store_rows = (heads * (cache.num_blocks * bs) + torch.tensor(slots, device=device)).flatten()
+        self.head_offsets = heads * cache.num_blocks
         self._groups: list[KeyGroup] = []
         decode = [c for c in chunks if c.count == 1]
         if decode and any(c.count != 1 for c in chunks[: len(decode)]):
@@ -166,7 +195,7 @@ class StepCache:
             q_pos = torch.tensor([[c.start] for c in decode], device=device)
             k_pos = torch.arange(width * bs, device=device).expand(len(decode), -1)
             allowed = (k_pos <= q_pos).unsqueeze(1)  # [B, 1, Tk]: the padding slots lie past every query
-            self._groups.append(_DecodeGroup(slice(0, len(decode)), table, q_pos, k_pos, allowed))
+            self._groups.append(_DecodeGroup(slice(0, len(decode)), self._rows(table), q_pos, k_pos, allowed))
         row = len(decode)
         for c in chunks[len(decode) :]:
             needed = (c.start + c.count + bs - 1) // bs
@@ -174,27 +203,29 @@ class StepCache:
             q_pos = torch.arange(c.start, c.start + c.count, device=device).unsqueeze(0)
             k_pos = torch.arange(needed * bs, device=device).unsqueeze(0)
             allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [1, Tq, Tk]
-            self._groups.append(_ChunkGroup(slice(row, row + c.count), table, q_pos, k_pos, allowed))
+            self._groups.append(_ChunkGroup(slice(row, row + c.count), self._rows(table), q_pos, k_pos, allowed))
             row += c.count
+
+    def _rows(self, table: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Block table [B, W] -> rows of PagedKVCache.block_rows in [H, B, W] order, and B."""
+        return (self.head_offsets + table.flatten().unsqueeze(0)).flatten(), table.shape[0]
 
     def groups(self, positions: torch.Tensor, valid: torch.Tensor) -> list[KeyGroup]:
         return self._groups
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        # [1, H, N, hd] -> [N, H, hd] rows into the flat slots of this layer
-        flat_k = self.cache.k[layer].flatten(0, 1)
-        flat_v = self.cache.v[layer].flatten(0, 1)
-        flat_k.index_copy_(0, self.slots, k[0].transpose(0, 1).to(flat_k.dtype))
-        flat_v.index_copy_(0, self.slots, v[0].transpose(0, 1).to(flat_v.dtype))
+        for which, new in (("k", k), ("v", v)):
+            rows = self.cache.slot_rows(layer, which)
+            rows.index_copy_(0, self.store_rows, new[0].reshape(-1, new.shape[-1]).to(rows.dtype))  # [H * N, hd]
 
     def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        table = group.block_table  # type: ignore[attr-defined]
-        b, width = table.shape
-        flat = table.flatten()
-        # [B * blocks, bs, H, hd] -> [B, blocks * bs, H, hd] -> [B, H, Tk, hd]
-        k = self.cache.k[layer].index_select(0, flat).view(b, -1, *self.cache.k.shape[-2:]).transpose(1, 2)
-        v = self.cache.v[layer].index_select(0, flat).view(b, -1, *self.cache.v.shape[-2:]).transpose(1, 2)
-        return k, v
+        rows, batch = group.block_table  # type: ignore[attr-defined]
+        hd = self.cache.head_dim
+        out = []
+        for which in ("k", "v"):
+            gathered = self.cache.gather(layer, which, rows)  # [H * B * W, bs * hd]
+            out.append(gathered.view(self.cache.n_heads, batch, -1, hd).transpose(0, 1))  # [B, H, W * bs, hd]
+        return out[0], out[1]
 
     def advance(self, num_tokens: int) -> None:
         pass
