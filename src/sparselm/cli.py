@@ -173,6 +173,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sparselm.serve.command import run
+
+    return run(args)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -304,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="evaluate checkpoints on LAMBADA, PIQA, ... and compare them")
     add_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    from sparselm.serve.command import add_arguments as add_serve_arguments  # argparse only: keeps --help instant
+
+    p = verbs.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     exp = verbs.add_parser("experiment", help="reproducible experiments").add_subparsers(dest="name", required=True)
     p = exp.add_parser(

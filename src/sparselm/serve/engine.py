@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparselm.config import ModelConfig
 from sparselm.errors import InputError
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
@@ -39,6 +40,24 @@ class EngineStats:
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     seconds: dict[str, float] = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0})
+
+
+def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """-> (blocks in the pool, bytes per block): ``kv_cache_memory`` bytes' worth, or room for ``max_num_seqs``
+    sequences of ``max_seq_len`` tokens. InputError if the pool cannot hold even one full-length sequence."""
+    bs = config.block_size
+    per_block = PagedKVCache.bytes_per_block(cfg.n_layers, bs, cfg.d_model, dtype)
+    blocks_per_seq = -(-cfg.max_seq_len // bs)
+    if not config.kv_cache_memory:
+        return config.max_num_seqs * blocks_per_seq, per_block
+    num_blocks = config.kv_cache_memory // per_block
+    if num_blocks < blocks_per_seq:
+        raise InputError(
+            f"kv_cache_memory={config.kv_cache_memory:,} bytes holds {num_blocks} blocks of {bs} tokens "
+            f"({per_block:,} bytes each); one sequence of model.max_seq_len={cfg.max_seq_len} needs "
+            f"{blocks_per_seq} ({blocks_per_seq * per_block:,} bytes)"
+        )
+    return num_blocks, per_block
 
 
 class Engine:
@@ -69,21 +88,12 @@ class Engine:
                 "so a request's output depends on what else is in its batch"
             )
         cfg = model.cfg
+        num_blocks, per_block = kv_cache_blocks(cfg, config, self.dtype)
         bs = config.block_size
-        per_block = PagedKVCache.bytes_per_block(cfg.n_layers, bs, cfg.d_model, self.dtype)
-        blocks_per_seq = -(-cfg.max_seq_len // bs)
-        if config.kv_cache_memory:
-            num_blocks = config.kv_cache_memory // per_block
-            if num_blocks < blocks_per_seq:
-                raise InputError(
-                    f"kv_cache_memory={config.kv_cache_memory:,} bytes holds {num_blocks} blocks of {bs} tokens "
-                    f"({per_block:,} bytes each); one sequence of model.max_seq_len={cfg.max_seq_len} needs "
-                    f"{blocks_per_seq} ({blocks_per_seq * per_block:,} bytes)"
-                )
-        else:
-            num_blocks = config.max_num_seqs * blocks_per_seq
         self.pool = BlockPool(num_blocks, config.prefix_caching)
-        self.kv = PagedKVCache(cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.dtype, device)
+        self.kv = PagedKVCache(
+            cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.dtype, device
+        )
         self.kv_bytes = num_blocks * per_block
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_batched_tokens)
         self.moe_layers = [i for i, block in enumerate(model.layers) if isinstance(block.ffn, MoE)]
@@ -123,7 +133,9 @@ class Engine:
         """Queue one sequence (thread-safe); it joins the running batch at the next step."""
         self.check_prompt(prompt)
         with self._lock:
-            seed = params.seed + index if params.seed is not None else int(torch.randint(2**62, (), generator=self._seeds))
+            seed = (
+                params.seed + index if params.seed is not None else int(torch.randint(2**62, (), generator=self._seeds))
+            )
         seq = Sequence(next(self._ids), request_id, list(prompt), params, torch.Generator().manual_seed(seed))
         seq.index, seq.sink = index, sink
         seq.text_tracker = TextTracker(self.tokenizer, seq.prompt, params.stop)
@@ -216,7 +228,7 @@ class Engine:
         chosen = logits.index_select(0, rows)
         tokens = sample_tokens(chosen, [seq for seq, _ in sampling])
         need_lp = [i for i, (seq, _) in enumerate(sampling) if seq.params.logprobs is not None]
-        logprobs = dict(zip(need_lp, torch.log_softmax(chosen[need_lp], dim=-1))) if need_lp else {}
+        logprobs = dict(zip(need_lp, torch.log_softmax(chosen[need_lp], dim=-1), strict=True)) if need_lp else {}
         outputs = []
         now = time.monotonic()
         for i, ((seq, _), token) in enumerate(zip(sampling, tokens, strict=True)):

@@ -109,7 +109,10 @@ class PagedKVCache:
         self.head_dim = head_dim
         # Gathered keys/values land in buffers kept from step to step: fresh multi-megabyte tensors every layer
         # cost a page fault per 4 KiB, which made the gathers 10x slower than the copies themselves.
-        self._gather = {"k": torch.empty(0, dtype=dtype, device=device), "v": torch.empty(0, dtype=dtype, device=device)}
+        self._gather = {
+            "k": torch.empty(0, dtype=dtype, device=device),
+            "v": torch.empty(0, dtype=dtype, device=device),
+        }
 
     def gather(self, layer: int, which: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` of ``block_rows(layer, which)`` -> [len(rows), block_size * head_dim] in a reused buffer

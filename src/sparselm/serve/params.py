@@ -60,7 +60,7 @@ def _integer(name: str, value, low: int, high: int | None = None) -> None:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}  # KB, MB...: powers of 1000
 
 
 def parse_bytes(text: str | int) -> int:
@@ -71,10 +71,8 @@ def parse_bytes(text: str | int) -> int:
     if not match:
         raise InputError(f"not a size in bytes: {text!r} (e.g. 2GiB, 512MiB, 1000000)")
     number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    if "i" in unit:
-        factor = 1024 ** ("kmgt".index(unit[0]) + 1)
-    else:
-        factor = _UNITS[unit.rstrip("b") if unit != "b" else "b"]
+    binary = "i" in unit  # KiB, MiB...: powers of 1024
+    factor = 1024 ** ("kmgt".index(unit[0]) + 1) if binary else _UNITS[unit[:1]]
     return int(number * factor)
 
 

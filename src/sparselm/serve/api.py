@@ -1,0 +1,300 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI; run by uvicorn from ``sparselm serve``).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` sends server-sent events ending in
+``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 once the model is loaded, 503 while loading, draining or
+failed) and ``GET /metrics`` (Prometheus). Errors are OpenAI-shaped JSON: 400 bad request (invalid JSON, wrong
+types, max_tokens <= 0, a prompt longer than the context, with the numbers), 404 unknown model, 413 body over
+``max_body_bytes``, 429 when ``max_queue`` sequences already wait (answered at once), 503 not ready.
+
+The engine runs in its own thread (``EngineLoop``); each request's sequences send their outputs into an asyncio
+queue of the request. A client that disconnects (streaming or not) aborts its request, which frees its KV blocks at
+the start of the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sparselm.errors import CheckpointError, InputError
+from sparselm.serve.chat import ChatTemplate
+from sparselm.serve.metrics import ServerMetrics
+from sparselm.serve.params import EngineConfig, SamplingParams
+from sparselm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from sparselm.serve.render import error_body
+from sparselm.serve.streams import RequestStream
+
+log = logging.getLogger("sparselm.serve")
+
+
+@dataclass
+class ServerConfig:
+    ckpt: str
+    model_name: str
+    engine: EngineConfig
+    max_queue: int = 256  # sequences waiting before new requests get 429
+    max_body_bytes: int = 1 << 20
+    chat_template: str | None = None
+    threads: int = 0  # torch intra-op threads (0: torch's default)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code=None, param=None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+class ServerState:
+    """What the routes share: the engine once loaded, the tokenizer, the metrics, the requests in flight."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.status = "loading"  # loading | ready | draining | failed
+        self.error: str | None = None
+        self.engine = None
+        self.loop = None
+        self.tokenizer = None
+        self.chat = None
+        self.metrics = ServerMetrics(lambda: self.engine)
+        self.active: dict[str, RequestStream] = {}
+        self.on_failure = None  # called with the message when loading fails (the CLI stops the server)
+
+    def load(self) -> None:
+        """Load the checkpoint and start the engine (runs in a thread while the server already answers)."""
+        import torch
+
+        from sparselm.checkpoint.files import resolve_checkpoint
+        from sparselm.checkpoint.inference import load_checkpoint
+        from sparselm.serve.engine import Engine, EngineLoop
+
+        try:
+            if self.config.threads > 0:
+                torch.set_num_threads(self.config.threads)
+            model, _, tokenizer = load_checkpoint(self.config.ckpt)
+            self.chat = ChatTemplate.load(self.config.chat_template, resolve_checkpoint(self.config.ckpt))
+            engine = Engine(model, tokenizer, self.config.engine, warn=log.warning)
+            self.tokenizer, self.engine = tokenizer, engine
+            self.loop = EngineLoop(engine, on_error=self.engine_failed)
+            self.loop.start()
+            self.status = "ready"
+            log.info(
+                "model %s loaded: %s, KV cache %d blocks of %d tokens (%.1f MiB)",
+                self.config.model_name, engine.precision, engine.pool.num_blocks, engine.config.block_size,
+                engine.kv_bytes / 2**20,
+            )  # fmt: skip
+        except (InputError, CheckpointError, FileNotFoundError) as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: keep the traceback in the log
+            log.exception("loading the model failed")
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, message: str) -> None:
+        self.status, self.error = "failed", message
+        log.error("sparselm serve: %s", message)
+        if self.on_failure is not None:
+            self.on_failure(message)
+
+    def engine_failed(self, exc: BaseException) -> None:
+        log.error("engine step failed: %r", exc, exc_info=exc)
+        self.status, self.error = "failed", f"engine failed: {exc!r}"
+        for stream in list(self.active.values()):
+            stream.fail(self.error)
+
+    def require_ready(self) -> None:
+        if self.status != "ready":
+            detail = f": {self.error}" if self.error else ""
+            raise APIError(503, f"server is {self.status}{detail}", "service_unavailable", code=self.status)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            for request_id in list(self.active):
+                self.engine.abort(request_id)
+        if self.loop is not None:
+            self.loop.stop()
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over {limit:,} bytes", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _validate(model_cls, body: dict):
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, str) or "[" not in p)
+        raise APIError(400, f"{where}: {first['msg']}", param=where or None) from None
+
+
+def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI:
+    state = state or ServerState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        threading.Thread(target=state.load, name="sparselm-load", daemon=True).start()
+        yield
+        state.shutdown()
+
+    app = FastAPI(title="sparselm", lifespan=lifespan)
+    app.state.serve = state
+
+    @app.middleware("http")
+    async def limits_and_counts(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            response = _error(
+                APIError(413, f"request body is over {config.max_body_bytes:,} bytes", code="body_too_large")
+            )
+        else:
+            response = await call_next(request)
+        state.metrics.http.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _error(exc)
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError):
+        return _error(APIError(400, str(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "ok" if state.status == "ready" else state.status}
+        if state.error:
+            body["error"] = state.error
+        return JSONResponse(body, status_code=200 if state.status == "ready" else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": config.model_name, "object": "model", "created": int(time.time()), "owned_by": "sparselm"}
+        if state.engine is not None:
+            card["max_model_len"] = state.engine.max_seq_len
+        return {"object": "list", "data": [card]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _validate(CompletionRequest, await _read_json(request, config.max_body_bytes))
+        return await _serve(request, state, req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _validate(ChatCompletionRequest, await _read_json(request, config.max_body_bytes))
+        return await _serve(request, state, req, chat=True)
+
+    return app
+
+
+def _error(exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+    return JSONResponse(error_body(str(exc), exc.kind, exc.param, exc.code), status_code=exc.status, headers=headers)
+
+
+def _prompt_ids(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        return prompt
+    ids = state.tokenizer.encode(prompt)
+    return ids if ids else [state.tokenizer.eod_id]  # an empty prompt starts a new document
+
+
+async def _serve(request: Request, state: ServerState, req, chat: bool):
+    state.require_ready()
+    req.check()
+    config, engine = state.config, state.engine
+    if req.model is not None and req.model != config.model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {config.model_name!r}",
+                       code="model_not_found", param="model")  # fmt: skip
+    if chat:
+        messages = [(m.role, m.text()) for m in req.messages]
+        texts = [state.chat.render(messages)]
+        stop_extra = state.chat.stop
+    else:
+        texts = req.prompts()
+        stop_extra = ()
+    prompts = [_prompt_ids(state, p) for p in texts]
+    max_len = engine.max_seq_len
+    requested = req.requested_max_tokens if chat else req.max_tokens
+    params = []
+    for i, ids in enumerate(prompts):
+        engine.check_prompt(ids)
+        room = max_len - len(ids)
+        max_tokens = room if requested is None else requested
+        if isinstance(max_tokens, int) and max_tokens > room:
+            which = f"prompt {i} has" if len(prompts) > 1 else "the prompt has"
+            raise APIError(
+                400,
+                f"this model's context is {max_len} tokens, but {which} {len(ids)} tokens and max_tokens is "
+                f"{max_tokens} ({len(ids) + max_tokens} in all): lower max_tokens to at most {room}",
+                param="max_tokens",
+            )
+        if chat:
+            top = req.top_logprobs or 0
+            sp = req.sampling(max_tokens, top if req.logprobs else None, None)
+        else:
+            echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
+            sp = req.sampling(max_tokens, req.logprobs, echo_lp)
+        if stop_extra:
+            sp = SamplingParams(**{**sp.__dict__, "stop": tuple(dict.fromkeys(sp.stop + stop_extra))})
+        params.append(sp)
+    waiting = engine.num_waiting
+    if waiting + len(prompts) * req.n > config.max_queue:
+        raise APIError(
+            429, f"server busy: {waiting} sequences are waiting (limit {config.max_queue}); retry later",
+            "rate_limit_error", code="queue_full",
+        )  # fmt: skip
+    request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    stream = RequestStream(state, request_id, req, chat, prompts, texts, asyncio.get_running_loop())
+    state.active[request_id] = stream
+    try:
+        for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            for j in range(req.n):
+                engine.add_request(request_id, ids, sp, index=i * req.n + j, sink=stream.sink)
+    except BaseException:
+        state.active.pop(request_id, None)
+        engine.abort(request_id)
+        raise
+    if req.stream:
+        return StreamingResponse(stream.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return JSONResponse(await stream.result(request))
+
+
+def checkpoint_name(ckpt: str) -> str:
+    """The default model name: the run directory's name (``runs/demo`` -> ``demo``)."""
+    path = Path(ckpt).resolve()
+    if path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return path.name

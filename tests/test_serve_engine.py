@@ -1,0 +1,276 @@
+"""The serving engine (no HTTP): whatever the arrival pattern, chunking, preemption or prefix sharing, a greedy request
+gets exactly what ``generate`` gives its prompt alone, and logprobs match a plain forward within 1e-4."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from sparselm.config import ModelConfig, MoEConfig
+from sparselm.errors import InputError
+from sparselm.model.generate import SamplingConfig, generate
+from sparselm.model.transformer import Transformer
+from sparselm.serve.engine import Engine
+from sparselm.serve.kv_cache import BlockPool, block_hash
+from sparselm.serve.params import EngineConfig, SamplingParams, parse_bytes
+from sparselm.serve.sequence import Status, TextTracker
+
+POSITIONS = ["rope", "relative", "xl", "absolute", "none"]
+FFNS = {"dense": MoEConfig(), "moe": MoEConfig(num_experts=4, top_k=2, moe_every=1)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread runs them fastest (two spin on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakeTokenizer:
+    """Token t reads as the letter chr(ord('a') + t % 26); eod is 2."""
+
+    eod_id = 2
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+    def id_to_piece(self, token: int) -> str:
+        return chr(ord("a") + token % 26)
+
+
+def make_model(position: str = "rope", ffn: str = "moe", max_seq_len: int = 128) -> Transformer:
+    torch.manual_seed(0)
+    # init_std 0.5 spreads a random model's logits: no near-ties that float noise between paths could flip.
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        max_seq_len=max_seq_len,
+        position=position,
+        init_std=0.5,
+    )
+    return Transformer(cfg, copy.deepcopy(FFNS[ffn])).eval()
+
+
+def random_prompts(count: int, seed: int, shared: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 64, (shared,), generator=g).tolist()
+    lengths = torch.randint(1, 50, (count,), generator=g).tolist()
+    return [(prefix if i % 2 else []) + torch.randint(3, 64, (n,), generator=g).tolist() for i, n in enumerate(lengths)]
+
+
+def reference(model: Transformer, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    cfg = SamplingConfig(max_new_tokens=max_tokens, greedy=True, stop_on_eod=False)
+    return [generate(model, [p], cfg)[0] for p in prompts]
+
+
+def run_interleaved(engine: Engine, prompts, params, seed: int = 0):
+    """Add the prompts a few at a time between steps (a random arrival pattern); run until all finish."""
+    rng = random.Random(seed)
+    pending = list(enumerate(prompts))
+    seqs = []
+    while pending or any(s.status is not Status.FINISHED for s in seqs):
+        for _ in range(rng.randint(0, 2)):
+            if pending:
+                i, prompt = pending.pop(0)
+                seqs.append(engine.add_request(str(i), prompt, params[i] if isinstance(params, list) else params))
+        engine.step()
+    return seqs
+
+
+def check_logprobs(model: Transformer, seqs) -> float:
+    """Largest difference between the engine's logprobs (chosen and top alternatives, prompt and output) and a plain
+    full-sequence forward's log-softmax."""
+    worst = 0.0
+    for s in seqs:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([s.prompt + s.output])).logits[0].float(), dim=-1)
+        p = len(s.prompt)
+        for j, entry in enumerate(s.output_logprobs):
+            assert entry.token == s.output[j]
+            for token, value in [(entry.token, entry.logprob), *entry.top]:
+                worst = max(worst, abs(value - lp[p - 1 + j, token].item()))
+        if s.params.prompt_logprobs is not None:
+            assert len(s.prompt_logprobs) == p and s.prompt_logprobs[0] is None
+            for j, entry in enumerate(s.prompt_logprobs[1:], start=1):
+                assert entry.token == s.prompt[j]
+                worst = max(worst, abs(entry.logprob - lp[j - 1, entry.token].item()))
+    return worst
+
+
+@pytest.mark.parametrize("ffn", list(FFNS))
+@pytest.mark.parametrize("position", POSITIONS)
+def test_greedy_matches_generate_alone_for_any_arrival_pattern(position: str, ffn: str) -> None:
+    model = make_model(position, ffn)
+    prompts = random_prompts(14, seed=1, shared=37)
+    expected = reference(model, prompts, 24)
+    # A small pool (preemption), a small token budget (chunked prefill), shared prefixes (prefix-cache hits).
+    config = EngineConfig(
+        block_size=4, max_num_seqs=6, max_batched_tokens=24, kv_cache_memory=40 * 2048, precision="fp32"
+    )
+    engine = Engine(model, FakeTokenizer(), config)
+    params = [
+        SamplingParams(
+            max_tokens=24, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2 if i % 4 == 0 else None
+        )
+        for i in range(len(prompts))
+    ]
+    seqs = run_interleaved(engine, prompts, params)
+    assert [s.output for s in seqs] == expected
+    assert engine.scheduler.counters.preemptions > 0
+    assert engine.scheduler.counters.prefix_hits > 0
+    assert engine.pool.num_free == engine.pool.num_blocks  # every block back in the pool
+    assert check_logprobs(model, seqs) < 1e-4
+    assert len({t for out in expected for t in out}) > 5  # not a model stuck on one token
+
+
+def test_decode_batch_and_chunked_prefill_without_preemption() -> None:
+    model = make_model("rope", "moe")
+    prompts = random_prompts(10, seed=2)
+    engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=8, max_batched_tokens=16, precision="fp32"))
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert [s.output for s in seqs] == reference(model, prompts, 12)
+    assert engine.scheduler.counters.preemptions == 0
+    # per-layer expert load: every token of every step was routed (top-2 of each MoE layer)
+    load = engine.expert_load
+    assert load.shape == (2, 4) and int(load.sum()) == 2 * 2 * (sum(map(len, prompts)) + 10 * 11)
+
+
+def test_finish_reasons_eod_and_context_limit() -> None:
+    model = make_model("rope", "dense", max_seq_len=32)
+    engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=4, precision="fp32"))
+    prompt = random_prompts(1, seed=3)[0][:20]
+    expected = generate(model, [prompt], SamplingConfig(max_new_tokens=64, greedy=True), eod_id=2)[0]
+    [seq] = engine.generate([prompt], SamplingParams(max_tokens=64, temperature=0))
+    assert seq.output == expected
+    assert seq.finish_reason == ("length" if len(prompt) + len(expected) == 32 else "stop")
+    [full] = engine.generate([prompt], SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    assert len(full.output) == 32 - len(prompt) and full.finish_reason == "length"
+    with pytest.raises(InputError, match="32 tokens"):
+        engine.add_request("x", list(range(3, 35)), SamplingParams())
+
+
+def test_abort_frees_blocks_within_one_step() -> None:
+    model = make_model()
+    engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=4, precision="fp32"))
+    seqs = [
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+        for i, p in enumerate(random_prompts(3, 4))
+    ]
+    for _ in range(3):
+        engine.step()
+    assert engine.pool.num_used > 0
+    outputs = []
+    seqs[1].sink = outputs.append
+    engine.abort("r1")
+    engine.step()
+    assert seqs[1].status is Status.FINISHED and seqs[1].finish_reason == "abort" and not seqs[1].blocks
+    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    engine.abort("r0")
+    engine.abort("r2")
+    engine.step()
+    assert engine.pool.num_used == 0 and not engine.has_work()
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
+    model = make_model()
+    prompts = random_prompts(6, seed=5)
+    sampled = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.95, seed=7, ignore_eos=True)
+    alone = Engine(model, FakeTokenizer(), EngineConfig(precision="fp32")).generate([prompts[0]], sampled)[0].output
+    batched = Engine(model, FakeTokenizer(), EngineConfig(precision="fp32")).generate(prompts, sampled)
+    assert batched[0].output == alone
+    other_seed = SamplingParams(max_tokens=10, temperature=0.9, seed=8, ignore_eos=True)
+    assert (
+        Engine(model, FakeTokenizer(), EngineConfig(precision="fp32")).generate([prompts[0]], other_seed)[0].output
+        != alone
+    )
+    top1 = SamplingParams(max_tokens=10, temperature=1.0, top_k=1, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    engine = Engine(model, FakeTokenizer(), EngineConfig(precision="fp32"))
+    assert engine.generate([prompts[0]], top1)[0].output == engine.generate([prompts[0]], greedy)[0].output
+
+
+def test_stop_strings_cut_the_text_and_end_the_sequence() -> None:
+    model = make_model()
+    tok = FakeTokenizer()
+    prompt = random_prompts(1, seed=6)[0]
+    engine = Engine(model, tok, EngineConfig(precision="fp32"))
+    [free] = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    text = free.text
+    stop = text[5:7]
+    [cut] = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
+    assert len(cut.output) < 20
+
+
+def test_text_tracker_releases_only_stable_text() -> None:
+    class Tok(FakeTokenizer):
+        def decode(self, ids):  # token 99 is the first half of a character split over two tokens
+            return super().decode([t for t in ids if t != 99]) + ("\ufffd" if ids and ids[-1] == 99 else "")
+
+    plain = TextTracker(Tok(), [0, 1], stop=())
+    assert plain.update([23], final=False)[1] == "x"
+    assert plain.update([23, 99], final=False)[1] == ""  # half a character is held back
+    assert plain.update([23, 99, 0], final=False)[1] == "a"
+
+    tracker = TextTracker(Tok(), [0, 1], stop=("xyz",))  # a tail that could start "xyz" is held back
+    released = []
+    for ids in ([23], [23, 0], [23, 0, 23], [23, 0, 23, 24, 25]):
+        text, delta, stopped = tracker.update(ids, final=False)
+        released.append(delta)
+    assert released == ["", "", "x", "a"]
+    assert stopped and text == "xa"
+
+
+def test_block_pool_prefix_cache_and_eviction_order() -> None:
+    pool = BlockPool(4)
+    a = pool.allocate(2)
+    h0 = block_hash(b"", [1, 2])
+    h1 = block_hash(h0, [3, 4])
+    pool.commit(a[0], h0)
+    pool.commit(a[1], h1)
+    assert pool.allocate(3) is None and pool.num_free == 2  # nothing taken when short
+    pool.release(a)
+    assert pool.num_free == 4
+    hit = pool.lookup([h0, h1, block_hash(h1, [5, 6])])
+    assert hit == a and pool.num_free == 2 and pool.refs[a[0]] == 1
+    pool.release(hit)
+    # uncached free blocks go out first; then cached ones, the tail of a freed sequence before its head
+    fresh = pool.allocate(2)
+    assert set(fresh).isdisjoint(a)
+    assert pool.allocate(1) == [a[1]] and h1 not in pool.cached and h0 in pool.cached
+    assert BlockPool(2, prefix_caching=False).lookup([h0]) == []
+
+
+def test_engine_config_errors() -> None:
+    model = make_model(max_seq_len=128)
+    with pytest.raises(InputError, match="one sequence of model.max_seq_len=128 needs 32"):
+        Engine(model, FakeTokenizer(), EngineConfig(block_size=4, kv_cache_memory=1000, precision="fp32"))
+    with pytest.raises(InputError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(InputError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert parse_bytes("2GiB") == 2 * 1024**3 and parse_bytes("1.5G") == 1_500_000_000
+    with pytest.raises(InputError, match="size in bytes"):
+        parse_bytes("lots")
+    warnings = []
+    capacity = MoEConfig(num_experts=4, top_k=1, moe_every=1, dropless=False, eval_capacity_factor=1.0)
+    Engine(Transformer(model.cfg, capacity), FakeTokenizer(), EngineConfig(precision="fp32"), warn=warnings.append)
+    assert warnings and "depends on what else is in its batch" in warnings[0]
+
+
+def test_bf16_engine_generates() -> None:
+    model = make_model()
+    engine = Engine(model, FakeTokenizer(), EngineConfig(precision="bf16"))
+    assert engine.kv.k.dtype == torch.bfloat16 and model.tok_emb.weight.dtype == torch.bfloat16
+    seqs = engine.generate(
+        random_prompts(4, 7), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
+    )
+    assert all(len(s.output) == 8 and len(s.output_logprobs) == 8 for s in seqs)
