@@ -95,6 +95,13 @@ def build(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from sparselm.errors import InputError
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"sparselm serve needs {', '.join(missing)}: pip install 'sparselm[serve]'")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config, state = build(args)
     import uvicorn
