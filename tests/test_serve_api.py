@@ -25,6 +25,7 @@ from sparselm.cli import main
 from sparselm.config import Config, ModelConfig, MoEConfig
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
+from sparselm.parallel.runtime import Runtime
 
 PROMPT = "It was a dark and stormy night, and the"
 
@@ -53,7 +54,8 @@ def ckpt(tiny_tokenizer, tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("serve") / "tiny-moe"
-    save_checkpoint(run, 1, Transformer(cfg.model, cfg.moe), cfg, tokenizer_path=tiny_tokenizer.path)
+    model = Transformer(cfg.model, cfg.moe)
+    save_checkpoint(run, 1, model, cfg, Runtime(cfg, torch.device("cpu")), tokenizer_path=tiny_tokenizer.path)
     return run
 
 
