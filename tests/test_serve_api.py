@@ -59,17 +59,26 @@ def ckpt(tiny_tokenizer, tmp_path_factory) -> Path:
     return run
 
 
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM if the test process dies, so no server outlives an aborted test run."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(ckpt: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "sparselm", "serve", "--ckpt", str(ckpt), "--port", str(port), "--precision", "fp32"]
-    proc = subprocess.Popen(
-        [*cmd, "--threads", "1", "--log-level", "warning", *extra], stderr=subprocess.PIPE, text=True
-    )
+    args = [*cmd, "--threads", "1", "--log-level", "warning", *extra]
+    log = ckpt.parent / f"server-{port}.log"  # a file, not a pipe: a pipe nobody reads would block the server
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(args, stderr=stderr, preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+            raise AssertionError(f"server exited with {proc.returncode}: {log.read_text()}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return proc, base

@@ -1,0 +1,340 @@
+"""Serving under load: ``sparselm serve`` against requests one at a time through ``generate`` and static batches of 16
+through Hugging Face transformers' ``generate``, same prompts, same model, same run.
+
+For each model (the demo MoE of configs/default.toml with its context raised to 1,024, and a d_model 512, 8-layer,
+16-expert top-2 MoE; random weights unless ``--ckpt`` gives a trained demo run):
+1. in this process: the bare decode forward (one token through the model's contiguous KV cache, what ``generate``
+   does per step), requests one at a time through ``generate``, static batches of 16 through the HF model that
+   ``sparselm.interop.to_transformers`` builds from the same weights (when that function exists), and a breakdown
+   of the engine's decode step by component at 1 and 16 sequences;
+2. ``sparselm serve`` in a subprocess on a loopback port, driven by serve_load.py at fixed concurrency 1, 4, 16,
+   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16.
+Prompts are 32-512 tokens cut at fixed-seed offsets from held-out text (the validation split of
+data_cache/default if `make demo` prepared it, else the last embedded book); outputs are 32-256 tokens, forced with
+``ignore_eos``, greedy. ``--soak`` adds a long mixed run (streaming or not, 10% cancelled mid-stream, 5% malformed)
+checking that every well-formed request completes, every KV block is free at the end and RSS stays flat.
+
+    python benchmarks/serve.py [--json] [--quick] [--soak] [--write-docs] [--cases demo-moe,moe-d512-l8-e16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from serve_load import Request, percentiles, run_load, summarize
+from serve_report import breakdown, format_docs, write_docs
+from sparselm.config import apply_overrides, load_config
+from sparselm.model.generate import SamplingConfig, generate
+from sparselm.model.transformer import Transformer
+from sparselm.precision import resolve_precision
+
+REPO = Path(__file__).resolve().parents[1]
+D512 = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.d_ff=1408", "moe.num_experts=16",
+        "moe.d_ff_expert=704"]  # fmt: skip
+CASES = {"demo-moe": [], "moe-d512-l8-e16": D512}
+CONTEXT = ["model.max_seq_len=1024"]  # prompts up to 512 + outputs up to 256 (RoPE has no learned positions)
+
+
+def tokenizer_and_text():
+    """The demo tokenizer (trained as `make demo` does if missing) and held-out token ids."""
+    from sparselm.data.tokenizer import Tokenizer
+
+    tok_path = REPO / "data_cache" / "tokenizer.model"
+    if not tok_path.is_file():
+        subprocess.run([sys.executable, "-m", "sparselm", "tokenizer", "train", "--out", str(tok_path.with_suffix("")),
+                        "--vocab-size", "8192"], check=True)  # fmt: skip
+    tokenizer = Tokenizer.load(tok_path)
+    val = sorted((REPO / "data_cache" / "default").glob("val_*.bin"))
+    if val:
+        ids = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in val]).astype(np.int64).tolist()
+        return tokenizer, ids, "the validation split of data_cache/default"
+    from sparselm.corpus import default_corpus_files
+    from sparselm.data.reader import iter_documents
+
+    book = list(iter_documents(default_corpus_files()[-1:]))[0]
+    return tokenizer, tokenizer.encode(book.text), f"the embedded book {default_corpus_files()[-1].name}"
+
+
+def make_requests(ids: list[int], count: int, seed: int, eod: int) -> list[Request]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        length = rng.randint(32, 512)
+        start = rng.randrange(0, len(ids) - length)
+        prompt = [t if t != eod else eod - 1 for t in ids[start : start + length]]
+        out.append(Request(prompt, rng.randint(32, 256)))
+    return out
+
+
+def build(case: str, ckpt: str | None, vocab: int):
+    if ckpt:
+        from sparselm.checkpoint.inference import load_checkpoint
+
+        model, cfg, _ = load_checkpoint(ckpt)
+        cfg = apply_overrides(cfg, CONTEXT)
+        model.cfg.max_seq_len = cfg.model.max_seq_len
+        return model, cfg, "trained (" + ckpt + ")"
+    cfg = apply_overrides(
+        load_config(REPO / "configs" / "default.toml"), [*CONTEXT, *CASES[case], f"model.vocab_size={vocab}"]
+    )
+    torch.manual_seed(0)
+    return Transformer(cfg.model, cfg.moe).eval(), cfg, "random weights"
+
+
+def save(model, cfg, tokenizer, directory: Path) -> Path:
+    from sparselm.checkpoint.files import save_checkpoint
+    from sparselm.parallel.runtime import Runtime
+
+    save_checkpoint(directory, 0, model, cfg, Runtime(cfg, torch.device("cpu")), tokenizer_path=tokenizer.path)
+    return directory
+
+
+@torch.inference_mode()
+def bare_decode_ms(model, requests: list[Request], dtype) -> dict:
+    """Per-token time of the model's forward alone (one token, contiguous KV cache) over these requests' decodes."""
+    times = []
+    for r in requests:
+        cache = model.new_cache(1, len(r.prompt) + r.max_tokens, dtype=dtype)
+        logits = model(torch.tensor([r.prompt]), cache=cache, last_only=True).logits
+        for _ in range(r.max_tokens - 1):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            start = time.perf_counter()
+            logits = model(token, cache=cache, last_only=True).logits
+            times.append(time.perf_counter() - start)
+    return percentiles(times)
+
+
+def one_at_a_time(model, requests: list[Request]) -> dict:
+    start = time.perf_counter()
+    tokens = 0
+    for r in requests:
+        cfg = SamplingConfig(max_new_tokens=r.max_tokens, greedy=True, stop_on_eod=False)
+        tokens += len(generate(model, [r.prompt], cfg)[0])
+    seconds = time.perf_counter() - start
+    return {"system": "sparselm generate, one at a time", "requests": len(requests), "seconds": seconds,
+            "output_throughput": tokens / seconds}  # fmt: skip
+
+
+def hf_static_batches(model, cfg, requests: list[Request], dtype, batch: int = 16) -> dict:
+    row = {"system": f"transformers generate, static batches of {batch}", "requests": len(requests)}
+    try:
+        from sparselm.interop import to_transformers
+    except ImportError:
+        row["not_measured"] = "sparselm.interop.to_transformers is not on this branch yet"
+        return row
+    hf = to_transformers(model, cfg).to(dtype)
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(requests), batch):
+        group = requests[i : i + batch]
+        width = max(len(r.prompt) for r in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row_i, r in enumerate(group):
+            ids[row_i, width - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[row_i, width - len(r.prompt) :] = 1
+        longest = max(r.max_tokens for r in group)
+        with torch.inference_mode():
+            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                        do_sample=False, pad_token_id=0)  # fmt: skip
+        tokens += sum(r.max_tokens for r in group)  # what the requests asked for; the rest of the batch is waste
+    seconds = time.perf_counter() - start
+    row.update(seconds=seconds, output_throughput=tokens / seconds)
+    return row
+
+
+class Server:
+    def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str]) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "sparselm", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
+               "--precision", precision, "--threads", str(threads), "--log-level", "warning", *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit("server did not become healthy")
+
+    def metrics(self) -> dict[str, float]:
+        out = {}
+        for line in httpx.get(f"{self.base}/metrics").text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(timeout=120)
+
+
+def soak(server: Server, ids: list[int], eod: int, count: int, concurrency: int) -> dict:
+    """Mixed traffic: half streaming, 10% cancelled mid-stream, 5% malformed; then the server must be idle."""
+    rng = random.Random(7)
+    requests = make_requests(ids, count, seed=11, eod=eod)
+    bad = [b'{"prompt": [1, 2', {"prompt": "x", "max_tokens": "ten"}, {"prompt": "x", "max_tokens": 0},
+           {"prompt": "x", "model": "nope"}, {"prompt": list(range(3, 1100))}]  # fmt: skip
+    for i, r in enumerate(requests):
+        r.stream = rng.random() < 0.5
+        if i % 20 == 7:
+            r.malformed = bad[(i // 20) % len(bad)]
+        elif i % 10 == 3:
+            r.stream, r.cancel_after = True, rng.randint(2, 20)
+    warm = count // 10
+    asyncio.run(run_load(server.base, requests[:warm], "bench", concurrency=concurrency))
+    rss_start = server.rss_mb()
+    results, seconds = asyncio.run(
+        run_load(server.base, requests[warm:], "bench", concurrency=concurrency, timeout=3600)
+    )
+    time.sleep(1.0)  # aborted requests are freed at the start of the next step; the engine idles after
+    m = server.metrics()
+    well_formed = [
+        r for r, q in zip(results, requests[warm:], strict=True) if q.malformed is None and q.cancel_after is None
+    ]
+    return {
+        "requests": count,
+        "seconds": seconds + 0.0,
+        "well_formed_completed": sum(r.ok for r in well_formed),
+        "well_formed": len(well_formed),
+        "cancelled": sum(q.cancel_after is not None for q in requests),
+        "malformed": sum(q.malformed is not None for q in requests),
+        "malformed_answered_4xx": sum(r.ok for r in results if r.malformed),
+        "errors": [r.error for r in results if r.error][:3],
+        "kv_blocks_used_after": m.get("sparselm_kv_cache_blocks_used", -1),
+        "running_after": m.get("sparselm_num_requests_running", -1),
+        "aborted": m.get('sparselm_request_finished_total{reason="abort"}', 0),
+        "rss_start_mb": rss_start,
+        "rss_end_mb": server.rss_mb(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="few requests, concurrency 1 and 4 only (a smoke run)")
+    ap.add_argument("--soak", action="store_true", help="also the long mixed run on the demo MoE")
+    ap.add_argument("--soak-requests", type=int, default=520)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--ckpt", default=None, help="a trained demo run for demo-moe (default: random weights)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tokenizer, ids, source = tokenizer_and_text()
+    concurrencies = (1, 4) if args.quick else (1, 4, 16, 64)
+    report = {
+        "machine": machine(),
+        "precision": precision,
+        "threads": args.threads,
+        "prompt_source": source,
+        "cases": [],
+    }
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    try:
+        for case in args.cases.split(","):
+            model, cfg, weights = build(case, args.ckpt if case == "demo-moe" else None, tokenizer.vocab_size)
+            ckpt = save(model, cfg, tokenizer, work / case)
+            model.to(dtype)
+            reqs = make_requests(ids, 64 if not args.quick else 8, seed=1, eod=tokenizer.eod_id)
+            base = reqs[: 4 if args.quick else 16]
+            rows = {"case": case, "weights": weights, "params": sum(p.numel() for p in model.parameters())}
+            rows["bare_decode_ms"] = bare_decode_ms(model, base[:2], dtype)
+            rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
+            rows["breakdown"] = breakdown(model, tokenizer, base, precision)
+            emit(args, {"case": case, **{k: v for k, v in rows.items() if k != "breakdown"}})
+            del model
+            extra = ["--max-num-seqs", "64", "--max-queue", "100000"]
+            if case != "demo-moe":
+                extra += ["--kv-cache-memory", "1GiB"]
+            server = Server(ckpt, precision, args.threads, extra)
+            try:
+                rows["runs"] = []
+                for c in concurrencies:
+                    n = max(8, 2 * c) if not args.quick else max(4, c)
+                    load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
+                    results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
+                    rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
+                    emit(args, {"case": case, **rows["runs"][-1]})
+                c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
+                for factor in () if args.quick else (0.5, 1.0):
+                    rate = factor * c16["request_throughput"]
+                    results, seconds = asyncio.run(run_load(server.base, reqs[:32], "bench", rate=rate, seed=3))
+                    rows["runs"].append({"load": f"Poisson {rate:.2f} req/s", **summarize(results, seconds)})
+                    emit(args, {"case": case, **rows["runs"][-1]})
+                rows["server_seconds"] = {k: v for k, v in server.metrics().items() if "engine_seconds" in k}
+            finally:
+                server.stop()
+            if args.soak and case == "demo-moe":
+                server = Server(ckpt, precision, args.threads, ["--max-num-seqs", "64", "--max-queue", "100000"])
+                try:
+                    rows["soak"] = soak(server, ids, tokenizer.eod_id, args.soak_requests, concurrency=16)
+                finally:
+                    rows["soak"]["exit_code"] = server.stop()
+                emit(args, {"case": case, "soak": rows["soak"]})
+            report["cases"].append(rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = format_docs(report)
+    if not args.json:
+        print(text)
+    if args.write_docs:
+        write_docs(text)
+
+
+def emit(args, row: dict) -> None:
+    if args.json:
+        print(json.dumps(row), flush=True)
+
+
+def machine() -> dict:
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "")
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_before": os.getloadavg()[0],
+    }
+
+
+if __name__ == "__main__":
+    main()

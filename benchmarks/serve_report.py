@@ -1,0 +1,172 @@
+"""benchmarks/serve.py's decode-step breakdown and its section of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sparselm.model.attention import Attention
+from sparselm.model.layers import FeedForward
+from sparselm.model.moe import MoE
+from sparselm.model.transformer import Transformer
+from sparselm.serve.engine import Engine
+from sparselm.serve.kv_cache import StepCache
+from sparselm.serve.params import EngineConfig, SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- serve:start -->", "<!-- serve:end -->"
+PARTS = {
+    "attention (SDPA + masks)": (Attention, "_attend"),
+    "KV blocks: gather + store": (StepCache, ("keys", "store")),
+    "MoE FFN (router, dispatch, experts, combine)": (MoE, "forward"),
+    "dense FFN": (FeedForward, "forward"),
+}
+
+
+def breakdown(model, tokenizer, requests, precision: str, batches=(1, 16), steps: int = 8) -> dict:
+    """Wall time of the engine's decode steps by component, at each batch size (ms per step)."""
+    spent: dict[str, float] = {}
+    originals = []
+
+    def timed(cls, name: str, label: str) -> None:
+        original = getattr(cls, name)
+        originals.append((cls, name, original))
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(cls, name, wrapper)
+
+    for label, (cls, names) in PARTS.items():
+        for name in (names,) if isinstance(names, str) else names:
+            timed(cls, name, label)
+    timed(Transformer, "forward", "forward")
+    out = {}
+    try:
+        for batch in batches:
+            engine = Engine(model, tokenizer, EngineConfig(precision=precision, max_num_seqs=max(batches)))
+            params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+            seqs = [engine.add_request(str(i), requests[i % len(requests)].prompt, params) for i in range(batch)]
+            while any(not s.output for s in seqs):
+                engine.step()
+            engine.step()
+            spent.clear()
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            total = time.perf_counter() - start
+            row = {label: spent.get(label, 0.0) / steps * 1e3 for label in PARTS}
+            row["rest of the forward (projections, norms, logits)"] = (
+                (spent["forward"] - sum(spent.get(k, 0) for k in PARTS)) / steps * 1e3
+            )
+            row["engine outside the forward (schedule, batch, sample, text)"] = (total - spent["forward"]) / steps * 1e3
+            row["step"] = total / steps * 1e3
+            out[batch] = row
+            del engine
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+    return out
+
+
+def _p(d: dict | None) -> str:
+    if not d or d.get("p50") is None:
+        return "-"
+    return f"{d['p50']:.0f} / {d['p90']:.0f} / {d['p99']:.0f}"
+
+
+def format_docs(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores; avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, "
+        f"amx_bf16 {'yes' if m['amx_bf16'] else 'no'}), torch {m['torch']}, {report['threads']} threads, weights and "
+        f"KV cache in {report['precision']}; 1-minute load average {m['load_before']:.1f} before the run (2 cores: "
+        "above ~2 means other jobs shared them). Server and load generator share the cores. Prompts: 32-512 tokens "
+        f"cut from {report['prompt_source']}; outputs 32-256 tokens (ignore_eos), greedy; latencies in ms "
+        "(p50 / p90 / p99).",
+    ]
+    for case in report["cases"]:
+        lines += ["", f"**{case['case']}** ({case['params'] / 1e6:.1f}M parameters, {case['weights']})", ""]
+        lines += ["| load | completed | failed | req/s | output tok/s | TTFT | TPOT | ITL | E2E |",
+                  "|---|---:|---:|---:|---:|---|---|---|---|"]  # fmt: skip
+        for r in case.get("runs", []):
+            lines.append(
+                f"| {r['load']} | {r['completed']} | {r['failed']} | {r['request_throughput']:.2f} | "
+                f"{r['output_throughput']:.0f} | {_p(r['ttft_ms'])} | {_p(r['tpot_ms'])} | {_p(r['itl_ms'])} | "
+                f"{_p(r['e2e_ms'])} |"
+            )
+        lines += _targets(case)
+        lines += _breakdown(case["breakdown"])
+        if "soak" in case:
+            lines += _soak(case["soak"])
+    return "\n".join(lines)
+
+
+def _targets(case: dict) -> list[str]:
+    runs = {r["load"]: r for r in case.get("runs", [])}
+    c16, c1 = runs.get("concurrency 16"), runs.get("concurrency 1")
+    lines = [
+        "",
+        "| system (same prompts) | output tok/s | sparselm serve at concurrency 16 / this |",
+        "|---|---:|---:|",
+    ]
+    if c16:
+        lines.append(f"| sparselm serve, concurrency 16 | {c16['output_throughput']:.0f} | 1.00 |")
+    for b in case["baselines"]:
+        if "not_measured" in b:
+            lines.append(f"| {b['system']} | not measured: {b['not_measured']} | - |")
+        elif c16:
+            lines.append(f"| {b['system']} ({b['requests']} requests) | {b['output_throughput']:.0f} | "
+                         f"{c16['output_throughput'] / b['output_throughput']:.2f} |")  # fmt: skip
+    bare = case["bare_decode_ms"]
+    if c1 and c1["tpot_ms"]["p50"] and bare["p50"]:
+        ratio = c1["tpot_ms"]["p50"] / bare["p50"]
+        lines += [
+            "",
+            f"TPOT p50 at concurrency 1: {c1['tpot_ms']['p50']:.2f} ms against {bare['p50']:.2f} ms for the bare "
+            f"decode forward (p50 over the same requests' decode steps): {ratio:.2f}x (target <= 1.2x).",
+        ]
+    return lines
+
+
+def _breakdown(parts: dict) -> list[str]:
+    batches = sorted(parts)
+    head = "| decode step, ms (share) | " + " | ".join(f"{b} sequence{'s' if b > 1 else ''}" for b in batches) + " |"
+    lines = ["", head, "|---|" + "---:|" * len(batches)]
+    for label in next(iter(parts.values())):
+        if label == "step":
+            continue
+        cells = [f"{parts[b][label]:.2f} ({parts[b][label] / parts[b]['step'] * 100:.0f}%)" for b in batches]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| whole step | " + " | ".join(f"{parts[b]['step']:.2f}" for b in batches) + " |")
+    return lines
+
+
+def _soak(s: dict) -> list[str]:
+    growth = (s["rss_end_mb"] / s["rss_start_mb"] - 1) * 100 if s["rss_start_mb"] else float("nan")
+    return [
+        "",
+        f"Soak: {s['requests']} requests at concurrency 16 (half streaming, {s['cancelled']} cancelled mid-stream, "
+        f"{s['malformed']} malformed) in {s['seconds']:.0f} s after a warm-up tenth: {s['well_formed_completed']} of "
+        f"{s['well_formed']} well-formed requests completed, {s['malformed_answered_4xx']} malformed ones answered "
+        f"with a 4xx error, {s['aborted']:.0f} sequences aborted; afterwards {s['kv_blocks_used_after']:.0f} KV blocks "
+        f"in use and {s['running_after']:.0f} running; server RSS {s['rss_start_mb']:.0f} -> {s['rss_end_mb']:.0f} MB "
+        f"({growth:+.1f}%, target < 5%); exit status after SIGTERM {s.get('exit_code')}."
+        + (f" Client errors: {s['errors']}." if s["errors"] else ""),
+    ]
+
+
+def write_docs(text: str) -> None:
+    doc = DOCS.read_text()
+    block = f"{START}\n{text}\n{END}"
+    if START in doc:
+        head, rest = doc.split(START, 1)
+        doc = head + block + rest.split(END, 1)[1]
+    else:
+        doc = doc.rstrip() + "\n\n## Serving under load (`benchmarks/serve.py`)\n\n" + block + "\n"
+    DOCS.write_text(doc)
