@@ -158,6 +158,15 @@ def hf_static_batches(model, cfg, requests: list[Request], dtype, batch: int = 1
     return row
 
 
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM if this benchmark dies, so no server outlives it."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str]) -> None:
         import socket
@@ -167,8 +176,9 @@ class Server:
             self.port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sparselm", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
-               "--precision", precision, "--threads", str(threads), "--log-level", "warning", *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd)
+               "--precision", precision, "--threads", str(threads), "--log-level", "warning", "--model-name", "bench",
+               *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

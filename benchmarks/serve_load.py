@@ -64,6 +64,9 @@ async def send(client: httpx.AsyncClient, request: Request, model: str) -> Resul
         if not request.stream:
             response = await client.post("/v1/completions", json=body)
             result.status = response.status_code
+            if response.status_code != 200:
+                result.error = response.text[:300]
+                return result
             data = response.json()
             result.e2e = result.ttft = time.perf_counter() - start
             result.output_tokens = data["usage"]["completion_tokens"]
@@ -71,6 +74,9 @@ async def send(client: httpx.AsyncClient, request: Request, model: str) -> Resul
             return result
         async with client.stream("POST", "/v1/completions", json=body) as response:
             result.status = response.status_code
+            if response.status_code != 200:
+                result.error = (await response.aread()).decode()[:300]
+                return result
             last = None
             chunks = 0
             async for line in response.aiter_lines():
@@ -155,4 +161,5 @@ def summarize(results: list[Result], seconds: float) -> dict:
         "tpot_ms": percentiles(tpot),
         "itl_ms": percentiles([gap for r in done for gap in r.itl]),
         "e2e_ms": percentiles([r.e2e for r in done]),
+        "errors": sorted({r.error for r in results if r.error})[:3],
     }

@@ -37,6 +37,7 @@ from sparselm.serve.render import error_body
 from sparselm.serve.streams import RequestStream
 
 log = logging.getLogger("sparselm.serve")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 @dataclass
@@ -163,17 +164,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     app = FastAPI(title="sparselm", lifespan=lifespan)
     app.state.serve = state
 
-    @app.middleware("http")
-    async def limits_and_counts(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
-            response = _error(
-                APIError(413, f"request body is over {config.max_body_bytes:,} bytes", code="body_too_large")
-            )
-        else:
-            response = await call_next(request)
-        state.metrics.http.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(LimitsAndCounts, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -216,6 +207,38 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
         return await _serve(request, state, req, chat=True)
 
     return app
+
+
+class LimitsAndCounts:
+    """ASGI middleware: 413 for a declared body over the limit before anything is read (chunked bodies are counted
+    as they are read, in ``_read_json``), and the count of answers per route and status for /metrics. Plain ASGI,
+    not Starlette's BaseHTTPMiddleware, so streamed responses pass through untouched."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.config.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        status = []
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            if length.isdigit() and int(length) > limit:
+                error = APIError(413, f"request body is over {limit:,} bytes", code="body_too_large")
+                await _error(error)(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            path = scope["path"] if scope["path"] in ROUTES else "other"  # unknown paths must not grow the label set
+            self.state.metrics.http.labels(path, str(status[0] if status else 0)).inc()
 
 
 def _error(exc: APIError) -> JSONResponse:
