@@ -15,6 +15,7 @@ data_cache/default if `make demo` prepared it, else the last embedded book); out
 checking that every well-formed request completes, every KV block is free at the end and RSS stays flat.
 
     python benchmarks/serve.py [--json] [--quick] [--soak] [--write-docs] [--cases demo-moe,moe-d512-l8-e16]
+        [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -46,15 +47,16 @@ from sparselm.precision import resolve_precision
 REPO = Path(__file__).resolve().parents[1]
 D512 = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.d_ff=1408", "moe.num_experts=16",
         "moe.d_ff_expert=704"]  # fmt: skip
-CASES = {"demo-moe": [], "moe-d512-l8-e16": D512}
+TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.d_ff=128", "moe.d_ff_expert=64"]
+CASES = {"demo-moe": [], "moe-d512-l8-e16": D512, "tiny-moe": TINY}  # tiny-moe: the smoke test's
 CONTEXT = ["model.max_seq_len=1024"]  # prompts up to 512 + outputs up to 256 (RoPE has no learned positions)
 
 
-def tokenizer_and_text():
+def tokenizer_and_text(tok_path: Path | None = None):
     """The demo tokenizer (trained as `make demo` does if missing) and held-out token ids."""
     from sparselm.data.tokenizer import Tokenizer
 
-    tok_path = REPO / "data_cache" / "tokenizer.model"
+    tok_path = tok_path or REPO / "data_cache" / "tokenizer.model"
     if not tok_path.is_file():
         subprocess.run([sys.executable, "-m", "sparselm", "tokenizer", "train", "--out", str(tok_path.with_suffix("")),
                         "--vocab-size", "8192"], check=True)  # fmt: skip
@@ -127,7 +129,7 @@ def one_at_a_time(model, requests: list[Request]) -> dict:
         tokens += len(generate(model, [r.prompt], cfg)[0])
     seconds = time.perf_counter() - start
     return {"system": "sparselm generate, one at a time", "requests": len(requests), "seconds": seconds,
-            "output_throughput": tokens / seconds}  # fmt: skip
+            "output_throughput": tokens / seconds, "load_avg": os.getloadavg()[0]}  # fmt: skip
 
 
 def hf_static_batches(model, cfg, requests: list[Request], dtype, batch: int = 16) -> dict:
@@ -154,7 +156,7 @@ def hf_static_batches(model, cfg, requests: list[Request], dtype, batch: int = 1
                         do_sample=False, pad_token_id=0)  # fmt: skip
         tokens += sum(r.max_tokens for r in group)  # what the requests asked for; the rest of the batch is waste
     seconds = time.perf_counter() - start
-    row.update(seconds=seconds, output_throughput=tokens / seconds)
+    row.update(seconds=seconds, output_throughput=tokens / seconds, load_avg=os.getloadavg()[0])
     return row
 
 
@@ -258,72 +260,80 @@ def main() -> None:
     ap.add_argument("--soak-requests", type=int, default=520)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--ckpt", default=None, help="a trained demo run for demo-moe (default: random weights)")
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--precisions", default="auto", help="comma-separated: auto (this CPU's rule), bf16, fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizer", default=None, help="SentencePiece model (default: data_cache/tokenizer.model)")
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    precision = resolve_precision(args.precision, torch.device("cpu"))
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    tokenizer, ids, source = tokenizer_and_text()
-    concurrencies = (1, 4) if args.quick else (1, 4, 16, 64)
-    report = {
-        "machine": machine(),
-        "precision": precision,
-        "threads": args.threads,
-        "prompt_source": source,
-        "cases": [],
-    }
+    precisions = [resolve_precision(p.strip(), torch.device("cpu")) for p in args.precisions.split(",")]
+    tokenizer, ids, source = tokenizer_and_text(Path(args.tokenizer) if args.tokenizer else None)
+    report = {"machine": machine(), "threads": args.threads, "prompt_source": source, "cases": []}
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     try:
         for case in args.cases.split(","):
-            model, cfg, weights = build(case, args.ckpt if case == "demo-moe" else None, tokenizer.vocab_size)
-            ckpt = save(model, cfg, tokenizer, work / case)
-            model.to(dtype)
-            reqs = make_requests(ids, 64 if not args.quick else 8, seed=1, eod=tokenizer.eod_id)
-            base = reqs[: 4 if args.quick else 16]
-            rows = {"case": case, "weights": weights, "params": sum(p.numel() for p in model.parameters())}
-            rows["bare_decode_ms"] = bare_decode_ms(model, base[:2], dtype)
-            rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
-            rows["breakdown"] = breakdown(model, tokenizer, base, precision)
-            emit(args, {"case": case, **{k: v for k, v in rows.items() if k != "breakdown"}})
-            del model
-            extra = ["--max-num-seqs", "64", "--max-queue", "100000"]
-            if case != "demo-moe":
-                extra += ["--kv-cache-memory", "1GiB"]
-            server = Server(ckpt, precision, args.threads, extra)
-            try:
-                rows["runs"] = []
-                for c in concurrencies:
-                    n = max(8, 2 * c) if not args.quick else max(4, c)
-                    load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
-                    results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
-                    rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
-                    emit(args, {"case": case, **rows["runs"][-1]})
-                c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
-                for factor in () if args.quick else (0.5, 1.0):
-                    rate = factor * c16["request_throughput"]
-                    results, seconds = asyncio.run(run_load(server.base, reqs[:32], "bench", rate=rate, seed=3))
-                    rows["runs"].append({"load": f"Poisson {rate:.2f} req/s", **summarize(results, seconds)})
-                    emit(args, {"case": case, **rows["runs"][-1]})
-                rows["server_seconds"] = {k: v for k, v in server.metrics().items() if "engine_seconds" in k}
-            finally:
-                server.stop()
-            if args.soak and case == "demo-moe":
-                server = Server(ckpt, precision, args.threads, ["--max-num-seqs", "64", "--max-queue", "100000"])
-                try:
-                    rows["soak"] = soak(server, ids, tokenizer.eod_id, args.soak_requests, concurrency=16)
-                finally:
-                    rows["soak"]["exit_code"] = server.stop()
-                emit(args, {"case": case, "soak": rows["soak"]})
-            report["cases"].append(rows)
+            for precision in dict.fromkeys(precisions):
+                rows = run_case(args, case, precision, tokenizer, ids, work)
+                report["cases"].append(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    report["machine"]["load_after"] = os.getloadavg()[0]
     text = format_docs(report)
     if not args.json:
         print(text)
     if args.write_docs:
         write_docs(text)
+
+
+def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: Path) -> dict:
+    """In-process baselines, then the server under each load (and the soak), for one model at one precision."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, cfg, weights = build(case, args.ckpt if case == "demo-moe" else None, tokenizer.vocab_size)
+    ckpt = save(model, cfg, tokenizer, work / f"{case}-{precision}")
+    model.to(dtype)
+    reqs = make_requests(ids, 64 if not args.quick else 8, seed=1, eod=tokenizer.eod_id)
+    base = reqs[: 4 if args.quick else 16]
+    rows = {
+        "case": case,
+        "precision": precision,
+        "weights": weights,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    rows["bare_decode_ms"] = bare_decode_ms(model, base[:2], dtype)
+    rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
+    rows["breakdown"] = breakdown(model, tokenizer, base, precision)
+    emit(args, {k: v for k, v in rows.items() if k != "breakdown"})
+    del model
+    extra = ["--max-num-seqs", "64", "--max-queue", "100000"]
+    if case != "demo-moe":
+        extra += ["--kv-cache-memory", "1GiB"]
+    server = Server(ckpt, precision, args.threads, extra)
+    try:
+        rows["runs"] = []
+        for c in (1, 4) if args.quick else (1, 4, 16, 64):
+            n = max(8, 2 * c) if not args.quick else max(4, c)
+            load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
+            results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
+            rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
+            emit(args, {"case": case, "precision": precision, **rows["runs"][-1]})
+        c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
+        for factor in () if args.quick else (0.5, 1.0):
+            rate = factor * c16["request_throughput"]
+            results, seconds = asyncio.run(run_load(server.base, reqs[:32], "bench", rate=rate, seed=3))
+            rows["runs"].append({"load": f"Poisson {rate:.2f} req/s", **summarize(results, seconds)})
+            emit(args, {"case": case, "precision": precision, **rows["runs"][-1]})
+        rows["server_seconds"] = {k: v for k, v in server.metrics().items() if "engine_seconds" in k}
+    finally:
+        server.stop()
+    if args.soak and case == "demo-moe":
+        server = Server(ckpt, precision, args.threads, ["--max-num-seqs", "64", "--max-queue", "100000"])
+        try:
+            rows["soak"] = soak(server, ids, tokenizer.eod_id, args.soak_requests, concurrency=16)
+        finally:
+            code = server.stop()
+        rows["soak"]["exit_code"] = code
+        emit(args, {"case": case, "precision": precision, "soak": rows["soak"]})
+    return rows
 
 
 def emit(args, row: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -162,4 +163,5 @@ def summarize(results: list[Result], seconds: float) -> dict:
         "itl_ms": percentiles([gap for r in done for gap in r.itl]),
         "e2e_ms": percentiles([r.e2e for r in done]),
         "errors": sorted({r.error for r in results if r.error})[:3],
+        "load_avg": os.getloadavg()[0],  # 1-minute load average at the end (2 cores: above ~2 = shared)
     }

@@ -84,21 +84,22 @@ def format_docs(report: dict) -> str:
     m = report["machine"]
     lines = [
         f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores; avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, "
-        f"amx_bf16 {'yes' if m['amx_bf16'] else 'no'}), torch {m['torch']}, {report['threads']} threads, weights and "
-        f"KV cache in {report['precision']}; 1-minute load average {m['load_before']:.1f} before the run (2 cores: "
-        "above ~2 means other jobs shared them). Server and load generator share the cores. Prompts: 32-512 tokens "
+        f"amx_bf16 {'yes' if m['amx_bf16'] else 'no'}), torch {m['torch']}, {report['threads']} threads; 1-minute "
+        f"load average {m['load_before']:.1f} before the run and {m.get('load_after', 0):.1f} after (2 cores: above ~2 "
+        "means other jobs shared them). Server and load generator share the cores. Prompts: 32-512 tokens "
         f"cut from {report['prompt_source']}; outputs 32-256 tokens (ignore_eos), greedy; latencies in ms "
         "(p50 / p90 / p99).",
     ]
     for case in report["cases"]:
-        lines += ["", f"**{case['case']}** ({case['params'] / 1e6:.1f}M parameters, {case['weights']})", ""]
-        lines += ["| load | completed | failed | req/s | output tok/s | TTFT | TPOT | ITL | E2E |",
-                  "|---|---:|---:|---:|---:|---|---|---|---|"]  # fmt: skip
+        lines += ["", f"**{case['case']}**, {case['precision']} weights and KV cache ({case['params'] / 1e6:.1f}M "
+                  f"parameters, {case['weights']})", ""]  # fmt: skip
+        lines += ["| load | completed | failed | req/s | output tok/s | TTFT | TPOT | ITL | E2E | load avg |",
+                  "|---|---:|---:|---:|---:|---|---|---|---|---:|"]  # fmt: skip
         for r in case.get("runs", []):
             lines.append(
                 f"| {r['load']} | {r['completed']} | {r['failed']} | {r['request_throughput']:.2f} | "
                 f"{r['output_throughput']:.0f} | {_p(r['ttft_ms'])} | {_p(r['tpot_ms'])} | {_p(r['itl_ms'])} | "
-                f"{_p(r['e2e_ms'])} |"
+                f"{_p(r['e2e_ms'])} | {r['load_avg']:.1f} |"
             )
         lines += _targets(case)
         lines += _breakdown(case["breakdown"])

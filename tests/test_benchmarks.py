@@ -66,3 +66,14 @@ def test_ops_benchmark_smallest_setting() -> None:
     assert all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
     default = next(r for r in rows if r["op"] == "expert_loop (default settings)")
     assert default["vs_default_loop"] == 1.0
+
+
+def test_serve_benchmark_smallest_setting(tiny_tokenizer) -> None:
+    args = ("--quick", "--cases", "tiny-moe", "--precisions", "fp32", "--threads", "1", "--tokenizer")
+    rows = _run("serve.py", *args, str(tiny_tokenizer.path))
+    base = rows[0]
+    assert base["case"] == "tiny-moe" and base["bare_decode_ms"]["p50"] > 0
+    assert base["baselines"][0]["output_throughput"] > 0
+    runs = [r for r in rows if "load" in r]
+    assert [r["load"] for r in runs] == ["concurrency 1", "concurrency 4"]
+    assert all(r["completed"] == 4 and r["failed"] == 0 and r["output_throughput"] > 0 for r in runs)
