@@ -19,7 +19,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     chosen = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     if greedy:
-        best = logits[greedy].argmax(dim=-1).tolist()
+        best = (logits if len(greedy) == len(seqs) else logits[greedy]).argmax(dim=-1).tolist()
         for i, token in zip(greedy, best, strict=True):
             chosen[i] = token
     for i, seq in enumerate(seqs):

@@ -98,43 +98,49 @@ class Sequence:
 
 
 class TextTracker:
-    """The output's text, released as deltas that never change afterwards.
+    """The output's text, decoded incrementally and released as deltas that never change afterwards.
 
-    SentencePiece drops the leading space of the first piece it decodes, so the output is decoded after a few prompt
-    tokens and that prefix's text is cut off. Text that may still change is held back: a trailing replacement
-    character (a multi-byte character split over byte tokens) and any tail that could begin a stop string.
+    Each update decodes only a window of recent tokens: the text of ``ids[prefix:]`` minus that of
+    ``ids[prefix:read]``, where ``read`` is where the last released text ended (so the cost per token does not grow
+    with the output, and SentencePiece's dropped leading space cancels out). The window starts inside the prompt,
+    so the output's first word keeps its space. Text that may still change is held back: a trailing replacement
+    character (a character split over byte tokens) and any tail that could begin a stop string.
     """
 
     ANCHOR = 4
 
     def __init__(self, tokenizer, prompt: list[int], stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
-        self.anchor = prompt[-self.ANCHOR :]
-        self.anchor_text = tokenizer.decode(self.anchor)
+        self.ids = list(prompt[-self.ANCHOR :])
+        self.prefix, self.read = 0, len(self.ids)
+        self.consumed = 0  # output tokens taken into ``ids``
+        self.text = ""  # decoded output so far (complete characters)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.released = 0
-
-    def decode(self, output: list[int]) -> str:
-        full = self.tokenizer.decode(self.anchor + output)
-        if full.startswith(self.anchor_text):
-            return full[len(self.anchor_text) :]
-        return self.tokenizer.decode(output)
+        self.stopped = False
 
     def update(self, output: list[int], final: bool) -> tuple[str, str, bool]:
-        """-> (full text so far, new text to release, whether a stop string ended the output)."""
-        text = self.decode(output)
-        stopped = False
+        """``output`` is the whole output so far -> (its text, new text to release, whether a stop string ended
+        the output: the text is then cut before it)."""
+        if self.stopped:
+            return self.text, "", True
+        self.ids.extend(output[self.consumed :])
+        self.consumed = len(output)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix :])
+        searched_from = max(0, len(self.text) - self.hold)
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
         if self.stop:
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, stopped, final = text[:cut], True, True
-        stable = len(text)
-        if not final:
-            stable = max(self.released, len(text.rstrip("\ufffd")) - self.hold)
-        delta = text[self.released : stable]
+            found = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+            if found:
+                self.text, self.stopped, final = self.text[: min(found)], True, True
+        stable = len(self.text) if final else max(self.released, len(self.text) - self.hold)
+        delta = self.text[self.released : stable]
         self.released = max(self.released, stable)
-        return text, delta, stopped
+        return self.text, delta, self.stopped
 
 
 def token_text(tokenizer, token: int) -> str:
