@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparselm.pipeline.commands import quality_score
 from sparselm.pipeline.filters import normalize_document
 from sparselm.pipeline.quality import (
     FeatureSettings,
@@ -20,6 +19,7 @@ from sparselm.pipeline.quality import (
     passages,
     train_classifier,
 )
+from sparselm.pipeline.quality_jobs import quality_score
 from sparselm.pipeline.run import source_documents
 from sparselm.pipeline.sources import ReadOptions, expand_paths
 

@@ -180,7 +180,7 @@ def test_report_shows_duplicate_clusters_or_says_there_are_none(planted_run) -> 
     assert (out / "report" / "duplicate_clusters.png").is_file() and "No duplicate clusters" not in report
     unique = copy.deepcopy(summary)  # the same run as if nothing had been duplicated
     unique["dedup"].update(exact=0, near=0, cross_source=0, cluster_sizes={}, examples={})
-    text = "\n".join(report_module._dedup(unique, {}, "report"))
+    text = "\n".join(report_module.dedup_section(unique, {}, "report"))
     assert "No duplicate clusters were found" in text and "cluster size" not in text
 
 

@@ -99,13 +99,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sparselm.interop.commands import run_export
+    from sparselm.interop.command import run_export
 
     return run_export(args)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from sparselm.interop.commands import run_import
+    from sparselm.interop.command import run_import
 
     return run_import(args)
 
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
-    from sparselm.interop.commands import add_export_arguments, add_import_arguments  # argparse only
+    from sparselm.interop.command import add_export_arguments, add_import_arguments  # argparse only
 
     p = verbs.add_parser(
         "export", help="a checkpoint as one model.safetensors (default), a Hugging Face directory or a GGUF file"
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_experiment)
 
-    from sparselm.pipeline.cli_args import add_data_verbs  # argparse only: keeps --help instant
+    from sparselm.pipeline.command import add_data_verbs  # argparse only: keeps --help instant
 
     add_data_verbs(verbs)
     return parser

@@ -24,6 +24,9 @@ import sys
 import torch
 
 try:
+    # lm-eval's own models enter its registry lazily when lm_eval.models is imported; a registry that receives
+    # ours first never gets them, and `hf` is then unknown in this process.
+    import lm_eval.models  # noqa: F401
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as exc:  # pragma: no cover - exercised only without the extra

@@ -191,7 +191,7 @@ def render(summary: dict[str, Any], plots: dict[str, str], plot_dir: str) -> str
     out += _reasons(s, "filtered", "## Removed by filter", "Documents (tokens) removed by each filter.")
     out += _reasons(s, "rejected", "## Rejected input", "Bad input, by reason (details in `rejects.jsonl`).")
     out += _quality(s, plots, plot_dir)
-    out += _dedup(s, plots, plot_dir)
+    out += dedup_section(s, plots, plot_dir)
     out += _mixture(s, plots, plot_dir)
     out += ["## Examples of removed documents", ""]
     for reason, shelf in sorted(s["examples"].items()):
@@ -296,7 +296,7 @@ def _score(value: float | None) -> str:
     return "-" if value is None else str(value)
 
 
-def _dedup(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[str]:
+def dedup_section(s: dict[str, Any], plots: dict[str, str], plot_dir: str) -> list[str]:
     d = s["dedup"]
     cfg = s["config"]["dedup"]
     out = ["## Deduplication", ""]

@@ -39,7 +39,7 @@ def cmd_data_run(args: argparse.Namespace) -> int:
 
 
 def cmd_data_quality_train(args: argparse.Namespace) -> int:
-    from sparselm.pipeline.commands import quality_train
+    from sparselm.pipeline.quality_jobs import quality_train
 
     metrics = quality_train(
         args.positive,
@@ -62,7 +62,7 @@ def cmd_data_quality_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_quality_score(args: argparse.Namespace) -> int:
-    from sparselm.pipeline.commands import quality_score
+    from sparselm.pipeline.quality_jobs import quality_score
 
     options: dict[str, Any] = {"config": args.config, "extractor": args.extractor, "text_field": args.text_field}
     if args.out:
