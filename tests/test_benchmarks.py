@@ -77,3 +77,18 @@ def test_serve_benchmark_smallest_setting(tiny_tokenizer) -> None:
     runs = [r for r in rows if "load" in r]
     assert [r["load"] for r in runs] == ["concurrency 1", "concurrency 4"]
     assert all(r["completed"] == 4 and r["failed"] == 0 and r["output_throughput"] > 0 for r in runs)
+
+
+def test_commit_comparison_runs_both_trees_side_by_side() -> None:
+    # HEAD against the working tree: always available, even in a shallow clone.
+    ops_args = ["--experts", "4", "--top-k", "2", "--tokens", "64", "--d-model", "16", "--d-ff", "32"]
+    compare = ["--old", "HEAD", "--script", "ops.py", "--metric", "ms", "--key", "op,dtype", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "commits.py"), *compare, "--", *ops_args, "--repeats", "1",
+         "--dtypes", "fp32", "--no-wait"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| permute")]
+    assert len(rows) == 2 and all(r[1] == "fp32" and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert "round 1/1 old done" in proc.stderr and "round 1/1 new done" in proc.stderr
