@@ -179,6 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sparselm.plan.command import run
+
+    return run(args)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -369,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute precision of every run (default auto: bf16 where this machine computes it natively, else fp32)",
     )
     p.set_defaults(func=cmd_experiment)
+
+    from sparselm.plan.command import add_arguments as add_plan_arguments  # argparse only: keeps --help instant
+
+    p = verbs.add_parser(
+        "plan", help="dry-run a cluster layout on this machine: memory, collectives and step time per device"
+    )
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
 
     from sparselm.pipeline.command import add_data_verbs  # argparse only: keeps --help instant
 

@@ -1,7 +1,8 @@
 """Measuring what a layout costs: model-state bytes held per rank, and bytes through each collective.
 
 ``model_state_bytes`` counts storages, not tensors: views (ZeRO-1 slices, FSDP's unsharded parameters inside one
-all-gather buffer) are counted once, and storages FSDP has freed (resized to 0) not at all.
+all-gather buffer) are counted once, and storages FSDP has freed (resized to 0) not at all. A storage is known by
+its identity, not its address, so fake tensors (``sparselm plan``: shapes without memory) are counted the same way.
 
 ``CommCounter`` is a TorchDispatchMode that sees every collective the process issues, whichever API issued it:
 ``torch.distributed`` calls (FSDP2, our ZeRO-1 and expert all-to-all) reach the dispatcher as ``c10d.*`` ops and
@@ -11,7 +12,8 @@ DTensor's as ``_c10d_functional.*`` ops. For each it records the payload and two
   all-gather or a reduce-scatter of a full tensor of S bytes moves S; an all-to-all moves its input);
 - ``wire``: bytes one rank sends with ring algorithms: volume x (N - 1) / N, and for an all-to-all the part of
   the input addressed to other ranks.
-Collectives over a single rank move nothing and are not counted.
+Collectives over a single rank move nothing and are not counted. ``records`` adds them up per kind, ``by_group`` per
+(kind, process group name).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     storage = local.untyped_storage()
     if storage.nbytes() == 0:
         return None
-    return storage.data_ptr(), storage.nbytes()
+    return storage._cdata, storage.nbytes()  # the storage object itself: views share it, fake tensors have one too
 
 
-def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
-    """Bytes of parameters, gradients and optimizer state this rank holds right now (each storage once)."""
+def model_state_storages(model: torch.nn.Module, optimizer) -> dict[str, dict[int, int]]:
+    """Storages of parameters, gradients and optimizer state this rank holds right now: kind -> {storage: bytes}
+    (each storage under the first kind it appears as)."""
     seen: set[int] = set()
-    out = {"params": 0, "grads": 0, "optimizer": 0}
+    out: dict[str, dict[int, int]] = {"params": {}, "grads": {}, "optimizer": {}}
 
     def add(kind: str, t: torch.Tensor | None) -> None:
         if t is None or not torch.is_tensor(t):
@@ -44,7 +47,7 @@ def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
         key = _storage_key(t)
         if key is not None and key[0] not in seen:
             seen.add(key[0])
-            out[kind] += key[1]
+            out[kind][key[0]] = key[1]
 
     inner = getattr(optimizer, "optimizer", optimizer)  # ZeroStage1 wraps a torch optimizer
     params = list(model.parameters()) + [p for g in inner.param_groups for p in g["params"]]
@@ -57,6 +60,12 @@ def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
     for state in inner.state.values():
         for value in state.values():
             add("optimizer", value)
+    return out
+
+
+def model_state_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds right now (each storage once)."""
+    out = {kind: sum(storages.values()) for kind, storages in model_state_storages(model, optimizer).items()}
     out["total"] = out["params"] + out["grads"] + out["optimizer"]
     return out
 
@@ -101,6 +110,7 @@ class CommCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.records: dict[str, CommRecord] = defaultdict(CommRecord)
+        self.by_group: dict[tuple[str, str], CommRecord] = defaultdict(CommRecord)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -134,11 +144,11 @@ class CommCounter(TorchDispatchMode):
             kind, volume, wire = "broadcast", payload, payload * (n - 1) / n
         else:
             kind, volume, wire = name, payload, float(payload)
-        rec = self.records[kind]
-        rec.calls += 1
-        rec.payload += payload
-        rec.volume += volume
-        rec.wire += wire
+        for rec in (self.records[kind], self.by_group[(kind, group.group_name)]):
+            rec.calls += 1
+            rec.payload += payload
+            rec.volume += volume
+            rec.wire += wire
 
     def total(self, key: str = "volume") -> float:
         return sum(getattr(r, key) for r in self.records.values())

@@ -1,0 +1,106 @@
+"""``plan(cfg, world_size, hardware)``: the dry run of a layout on a fake world, and its step-time estimate.
+
+Fake tensors cost no memory but each op costs tens of microseconds of Python, so a plan does not run all the
+layers of a deep model: it runs two shallow copies, one and two *periods* deep (a period is the repeating unit of
+layers: one block for a dense model, ``moe.moe_every`` blocks for an MoE), and extends every count linearly to the
+full depth. Each block of a period holds, sends and computes exactly what the same block of every other period
+does, so bytes, calls and FLOPs come out as a full run's; peaks are extended the same way (``tests/test_plan.py``
+compares both with full runs). ``full=True`` runs every layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields, replace
+
+from sparselm.config import Config
+from sparselm.plan.dryrun import Collective, Measurement, dry_run
+from sparselm.plan.estimate import Estimate, estimate
+from sparselm.plan.fake import fake_world
+from sparselm.plan.hardware import Hardware
+
+DEFAULT_EFFICIENCY = 0.5
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    hardware: Hardware
+    measurement: Measurement
+    estimate: Estimate
+    extrapolated_from: tuple[int, int] | None = None  # probe depths, when the counts were extended
+
+    def to_dict(self) -> dict:
+        return {
+            "hardware": self.hardware.key,
+            "measurement": self.measurement.to_dict(),
+            "estimate": self.estimate.to_dict(),
+            "extrapolated_from_layers": list(self.extrapolated_from) if self.extrapolated_from else None,
+        }
+
+
+def plan_config(cfg: Config, hardware: Hardware) -> Config:
+    """The config the dry run lays out: precision resolved for the device (``auto``: bf16 where it has it)."""
+    precision = hardware.resolve_precision(cfg.train.precision)
+    return replace(cfg, train=replace(cfg.train, precision=precision))
+
+
+def measure(cfg: Config, world_size: int, both_checkpointing: bool = True) -> Measurement:
+    with fake_world(world_size) as env:
+        return dry_run(cfg, env, both_checkpointing)
+
+
+def plan(
+    cfg: Config,
+    world_size: int,
+    hardware: Hardware,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    full: bool = False,
+    both_checkpointing: bool = True,
+) -> Plan:
+    """Dry-run ``cfg`` on ``world_size`` fake ranks and estimate its step on ``hardware``: on two shallow copies
+    extended to the full depth, or with ``full`` on every layer."""
+    cfg = plan_config(cfg, hardware)
+    depths = None if full else probe_depths(cfg)
+    if depths is None:
+        m = measure(cfg, world_size, both_checkpointing)
+    else:
+        small, large = (measure(_with_layers(cfg, n), world_size, both_checkpointing) for n in depths)
+        m = extend(small, large, (cfg.model.n_layers - depths[0]) / (depths[1] - depths[0]))
+    return Plan(cfg, hardware, m, estimate(m, cfg, hardware, efficiency), depths)
+
+
+def probe_depths(cfg: Config) -> tuple[int, int] | None:
+    """One and two periods of layers, when the model is a whole number of periods and deeper than two."""
+    period = cfg.moe.moe_every if cfg.moe.enabled else 1
+    n = cfg.model.n_layers
+    if n % period or n <= 2 * period:
+        return None
+    return period, 2 * period
+
+
+def _with_layers(cfg: Config, n_layers: int) -> Config:
+    return replace(cfg, model=replace(cfg.model, n_layers=n_layers))
+
+
+def _line(a: float, b: float, periods: float) -> float:
+    return a + (b - a) * periods
+
+
+def extend(small: Measurement, large: Measurement, periods: float) -> Measurement:
+    """``small`` + (``large`` - ``small``) x ``periods``, field by field (counts of one more period each)."""
+    out = copy.deepcopy(large)
+    for name in ("state", "activations", "peak"):
+        a, b = getattr(small, name), getattr(large, name)
+        setattr(out, name, {k: round(_line(a[k], b[k], periods)) for k in b})
+    out.flops = _line(small.flops, large.flops, periods)
+    out.flops_micro_batch = _line(small.flops_micro_batch, large.flops_micro_batch, periods)
+    by_key = {(c.kind, c.group, c.phase): c for c in small.collectives}
+    out.collectives = []
+    for c in large.collectives:
+        s = by_key.get((c.kind, c.group, c.phase), Collective(c.kind, c.group, c.ranks, c.phase, 0, 0, 0, 0))
+        numbers = {f.name: _line(getattr(s, f.name), getattr(c, f.name), periods)
+                   for f in fields(Collective) if f.name in ("calls", "payload", "volume", "wire")}  # fmt: skip
+        out.collectives.append(replace(c, **numbers))
+    out.seconds = small.seconds + large.seconds
+    return out
