@@ -13,7 +13,7 @@ from sparselm.errors import ConfigError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--preset", help="a preset from configs/presets/ (sparselm params --list)")
-    source.add_argument("--config", help="TOML config file")
+    source.add_argument("--config", help="TOML config file (neither: the built-in defaults)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -52,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
                 f"TFLOP/s, {hw.devices_per_node} per node, {hw.intra_node_gbs:g} / {hw.inter_node_gbs:g} GB/s"
             )
         return 0
-    if not (args.preset or args.config):
-        raise ConfigError("sparselm plan needs --preset NAME or --config FILE")
     if args.world_size is None or args.world_size < 1:
         raise ConfigError("sparselm plan needs --world-size N (N >= 1)")
     efficiency = 0.5 if args.efficiency is None else args.efficiency
@@ -65,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from sparselm.plan.report import format_plan, format_search
 
     cfg = load_preset(args.preset, args.overrides) if args.preset else load_config(args.config, args.overrides)
-    name = args.preset or args.config
+    name = args.preset or args.config or "the default config"
     hw = load_hardware(args.hardware or DEFAULT_HARDWARE)
     if args.hardware is None and not args.json:
         print(f"no --hardware given: planning for {DEFAULT_HARDWARE}", file=sys.stderr)

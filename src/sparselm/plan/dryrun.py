@@ -17,6 +17,7 @@ one for itself (ZeRO-0 synchronises only there), and the totals are scaled accor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,8 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sparselm.config import Config
+from sparselm.model import moe
+from sparselm.model.moe import Experts
 from sparselm.parallel.accounting import CommCounter, CommRecord, model_state_bytes, model_state_storages
 from sparselm.parallel.launch import DistEnv
 from sparselm.parallel.layout import Layout
@@ -221,18 +224,47 @@ def measure_steps(
     )
 
 
-def dry_run(cfg: Config, env: DistEnv, both_checkpointing: bool = True) -> Measurement:
+def use_expert_kernel(model, kernel: str | None) -> None:
+    """Make every MoE run ``kernel`` (``Experts.impl``: "grouped_mm" is what accelerators run; None: as chosen for
+    the device, the loop on CPUs). Before ``parallelize``: expert parallelism copies the choice."""
+    if kernel is None:
+        return
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.impl = kernel
+
+
+@contextlib.contextmanager
+def _no_gradient_recycling():
+    # On CPUs the MoE loop kernel reuses last step's expert-gradient memory when nothing else holds it, judged by the
+    # storage's reference count, which fake tensors do not keep as real ones do: without this a dry run would keep
+    # a spare buffer a real rank does not. Fresh buffers each step peak where recycled ones do (tests/test_plan.py).
+    saved = getattr(moe, "REUSE_GRAD_BUFFERS", None)
+    if saved is not None:
+        moe.REUSE_GRAD_BUFFERS = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            moe.REUSE_GRAD_BUFFERS = saved
+
+
+def dry_run(
+    cfg: Config, env: DistEnv, both_checkpointing: bool = True, expert_kernel: str | None = None
+) -> Measurement:
     """Lay out ``cfg`` on ``env``'s (fake) world and measure one training step of its rank 0. Without
-    ``both_checkpointing`` the step of the other activation-checkpointing setting is skipped (searches)."""
+    ``both_checkpointing`` the step of the other activation-checkpointing setting is skipped (searches);
+    ``expert_kernel`` as in ``use_expert_kernel``."""
     start = time.perf_counter()
     cfg = replace(cfg, train=replace(cfg.train, compile=False))  # compiling changes neither bytes nor traffic
     runtime = ParallelRuntime(cfg, env)
     with torch.device("meta"):
         model = build_model(cfg)
+    use_expert_kernel(model, expert_kernel)
     runtime.parallelize(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     dry = DryRun(fake_mode)
-    with fake_mode, dry:
+    with fake_mode, dry, _no_gradient_recycling():
         model.to_empty(device=runtime.device)
 
         def tokens(shape):

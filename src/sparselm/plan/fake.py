@@ -78,6 +78,16 @@ def _has_value_room(t: torch.Tensor) -> bool:
 
 
 _WRITES: dict = {}  # op -> the (position, name) of every argument it writes into
+_ALIASES: dict = {}  # op -> whether an output aliases an input
+
+
+def _tensors(x) -> list[torch.Tensor]:
+    """The tensors in an op's output (a tensor, or tuples / lists of them): pytree's generality costs too much here."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _tensors(item)]
+    return []
 
 
 def _written_args(func, args, kwargs) -> list[torch.Tensor]:
@@ -184,9 +194,16 @@ class Tally(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _count(self, func, args, kwargs, out) -> None:
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                self._track(t.untyped_storage())
+        # Storages are counted from the op that creates them; an op whose outputs alias its inputs (views, in-place
+        # ops, collectives) creates none. A view of a storage never seen made (a collective backend's own buffer:
+        # gloo keeps a full-size copy for its reduce-scatter, NCCL does not) is not the job's memory.
+        aliases = _ALIASES.get(func)
+        if aliases is None:
+            aliases = _ALIASES[func] = any(r.alias_info is not None for r in func._schema.returns)
+        if not aliases:
+            for t in _tensors(out):
+                if not t.is_meta:
+                    self._track(t.untyped_storage())
         packet = func.overloadpacket
         if packet in flop_registry:
             self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
@@ -241,14 +258,14 @@ class DryRun(Tally):
         self.unknown_scalars = 0
 
     def _run(self, func, args, kwargs):
-        flat, spec = tree_flatten((args, kwargs))
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        tensors = _tensors(args) + _tensors(list(kwargs.values()))
         fakes = [t for t in tensors if isinstance(t, FakeTensor)]
         if tensors and not fakes and not any(t.is_meta for t in tensors):
             # Real tensors only: device-mesh bookkeeping, Python numbers turned into tensors. Cheap, and real.
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
         if all(t in self.values for t in fakes):
+            flat, spec = tree_flatten((args, kwargs))
             return self._known(func, flat, spec, args, kwargs)
         return self._unknown(func, args, kwargs)
 

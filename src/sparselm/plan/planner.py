@@ -20,6 +20,7 @@ from sparselm.plan.fake import fake_world
 from sparselm.plan.hardware import Hardware
 
 DEFAULT_EFFICIENCY = 0.5
+ACCELERATOR_EXPERT_KERNEL = "grouped_mm"
 
 
 @dataclass
@@ -45,9 +46,11 @@ def plan_config(cfg: Config, hardware: Hardware) -> Config:
     return replace(cfg, train=replace(cfg.train, precision=precision))
 
 
-def measure(cfg: Config, world_size: int, both_checkpointing: bool = True) -> Measurement:
+def measure(
+    cfg: Config, world_size: int, both_checkpointing: bool = True, expert_kernel: str | None = None
+) -> Measurement:
     with fake_world(world_size) as env:
-        return dry_run(cfg, env, both_checkpointing)
+        return dry_run(cfg, env, both_checkpointing, expert_kernel)
 
 
 def plan(
@@ -62,10 +65,14 @@ def plan(
     extended to the full depth, or with ``full`` on every layer."""
     cfg = plan_config(cfg, hardware)
     depths = None if full else probe_depths(cfg)
+    # Accelerators run the MoE experts through grouped_mm (the dry run's fake tensors live on "cpu", where the model
+    # would pick its CPU loop kernel): plan the code path the device will run.
+    kernel = ACCELERATOR_EXPERT_KERNEL if cfg.train.precision == "bf16" else None  # grouped_mm is bf16-only
+    args = (world_size, both_checkpointing, kernel)
     if depths is None:
-        m = measure(cfg, world_size, both_checkpointing)
+        m = measure(cfg, *args)
     else:
-        small, large = (measure(_with_layers(cfg, n), world_size, both_checkpointing) for n in depths)
+        small, large = (measure(_with_layers(cfg, n), *args) for n in depths)
         m = extend(small, large, (cfg.model.n_layers - depths[0]) / (depths[1] - depths[0]))
     return Plan(cfg, hardware, m, estimate(m, cfg, hardware, efficiency), depths)
 

@@ -91,9 +91,12 @@ def format_plan(plan: Plan, name: str) -> str:
 
 def fit_sentence(plan: Plan) -> str:
     m, e = plan.measurement, plan.estimate
+    margin = e.usable_bytes - m.peak_bytes
+    close = " (close, and the peak was extended from shallow copies: check with --full)" if (
+        plan.extrapolated_from and abs(margin) < 0.05 * e.usable_bytes) else ""  # fmt: skip
     if e.fits:
-        return f"fits: {gib(e.usable_bytes - m.peak_bytes)} GiB to spare"
-    return f"does NOT fit: {gib(m.peak_bytes - e.usable_bytes)} GiB short"
+        return f"fits: {gib(margin)} GiB to spare{close}"
+    return f"does NOT fit: {gib(-margin)} GiB short{close}"
 
 
 def _footer(plan: Plan) -> str:

@@ -151,7 +151,7 @@ def _try_layout(cfg, world, hw, fixed, settings, efficiency, result: SearchResul
         result.measured += 1
         if not trial.plan.estimate.fits:
             peak = trial.plan.measurement.peak_bytes / 2**30
-            trial.reason = f"needs {peak:,.1f} GiB per device, {hw.usable_bytes / 2**30:,.1f} usable"
+            trial.reason = f"needs {peak:,.3g} GiB per device, {hw.usable_bytes / 2**30:,.3g} usable"
         return trial
 
     for ckpt in ckpts:
