@@ -258,24 +258,21 @@ SMALL = ["model.vocab_size=512", "model.d_model=128", "model.n_heads=4", "model.
     "overrides",
     [
         ["moe.num_experts=0", "model.n_layers=5", "parallel.tp=2", "parallel.zero_stage=3", "train.precision=bf16"],
-        ["moe.num_experts=4", "moe.moe_every=2", "model.n_layers=6", "parallel.ep=2", "parallel.zero_stage=1"],
         [
             "moe.num_experts=4",
             "moe.moe_every=2",
-            "model.n_layers=6",
+            "model.n_layers=8",
             "parallel.ep=2",
-            "parallel.zero_stage=2",
-            "parallel.dp_replicate=2",
+            "parallel.zero_stage=1",
             "train.activation_checkpointing=true",
-            "train.precision=bf16",
         ],  # fmt: skip
     ],
-    ids=["dense-tp2-zero3", "moe-ep2-zero1", "moe-hsdp-ep2-zero2-ckpt"],
+    ids=["dense-tp2-zero3-bf16", "moe-ep2-zero1-ckpt"],
 )
 def test_two_shallow_copies_extend_to_the_full_run(overrides: list[str]) -> None:
-    """A plan measures copies one and two periods deep and extends every count to the full depth: the same bytes,
-    calls and FLOPs as a dry run of every layer; peaks are not quite linear in depth (the order in which a backward
-    with recomputation frees and gathers shifts with it): within 10% here, at 5-6 layers, closer for deep models."""
+    """A plan measures copies two and three periods deep and extends them to the full depth: the same bytes, calls
+    and FLOPs as a dry run of every layer, and peaks within 1% (each segment of the step grows linearly with depth
+    once the model is a few periods deep; ZeRO-1's update is 0.3% short at 8 layers, exact from 6 on)."""
     from sparselm.config import load_config
     from sparselm.plan.hardware import load_hardware
     from sparselm.plan.planner import plan
@@ -292,8 +289,8 @@ def test_two_shallow_copies_extend_to_the_full_run(overrides: list[str]) -> None
         assert key(x) == key(y) and x.ranks == y.ranks
         assert (x.calls, x.payload, x.volume) == pytest.approx((y.calls, y.payload, y.volume), rel=1e-9), key(x)
     for ckpt in ("on", "off"):
-        assert a.peak[ckpt] == pytest.approx(b.peak[ckpt], rel=0.10)
-        assert a.activations[ckpt] == pytest.approx(b.activations[ckpt], rel=1e-9)
+        assert a.peak[ckpt] == pytest.approx(b.peak[ckpt], rel=0.01)
+        assert a.activations[ckpt] == b.activations[ckpt]
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,7 @@ class Measurement:
     flops: float  # per step, with the configured checkpointing (recomputation included)
     flops_micro_batch: float  # one accumulating micro-batch
     collectives: list[Collective] = field(default_factory=list)
+    peak_segments: dict[str, dict[tuple, int]] = field(default_factory=dict, repr=False)  # see _StepProbe.segment
     unknown_scalars: int = 0
     seconds: float = 0.0
 
@@ -81,6 +82,7 @@ class Measurement:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        del d["peak_segments"]
         d["layout"] = asdict(self.layout)
         for c in d["collectives"]:
             c["group_size"] = len(c.pop("ranks"))
@@ -114,18 +116,47 @@ def _diff(after: dict, before: dict) -> dict:
 
 
 class _StepProbe:
-    """Snapshots taken while the trainer's step runs: model state, activations, collectives and FLOPs per phase."""
+    """Snapshots taken while the trainer's step runs: model state, activations, collectives and FLOPs per phase, and
+    the peak of live bytes in each *segment* of the step (see ``segment``)."""
 
     def __init__(self, model, optimizer, tally: Tally, counter: CommCounter) -> None:
         self.model, self.optimizer, self.tally, self.counter = model, optimizer, tally, counter
         self.states: list[dict[str, int]] = []
         self.activations: list[int] = []
         self.marks: list[tuple[dict, float]] = []  # (collectives, flops) at each micro-batch start
+        self.segments: dict[tuple, int] = {}
+        self._segment: tuple = ("start",)
+        self._micro = 0
         self._mark = 0
         self.handles = [
             model.register_forward_pre_hook(self._forward_start),
             model.register_forward_hook(self._forward_end),
         ]
+        for i, block in enumerate(model.layers):
+            self.handles.append(block.register_forward_pre_hook(lambda m, args, i=i: self._block_start(i, args)))
+            self.handles.append(block.register_forward_hook(lambda m, args, out, i=i: self._block_end(i, out)))
+
+    def segment(self, name: tuple) -> None:
+        """Close the current segment (its peak of live bytes) and open ``name``. Segments: ("start",) until the
+        first block, ("F", i) block i's forward, ("G", i) after it, ("B", i) block i's backward (from the gradient
+        of its output to that of its input), ("E", i) after it, each per micro-batch: shallow copies of a model
+        extend to its full depth segment by segment (``sparselm.plan.planner.extend_peak``)."""
+        key = (self._micro, *self._segment)
+        self.segments[key] = max(self.segments.get(key, 0), self.tally.peak_bytes)
+        self.tally.reset_peak()
+        self._segment = name
+
+    def _block_start(self, i: int, args) -> None:
+        self.segment(("F", i))
+        x = args[0] if args else None
+        if torch.is_tensor(x) and x.requires_grad:
+            x.register_hook(lambda grad: self.segment(("E", i)))
+
+    def _block_end(self, i: int, out) -> None:
+        self.segment(("G", i))
+        x = out[0] if isinstance(out, tuple) else out
+        if torch.is_tensor(x) and x.requires_grad:
+            x.register_hook(lambda grad: self.segment(("B", i)))
 
     def snapshot(self) -> dict:
         return copy.deepcopy(dict(self.counter.by_group)), self.tally.flops
@@ -133,6 +164,8 @@ class _StepProbe:
     def micro_batch(self, original):
         def before_micro_batch(model, index: int, count: int) -> None:
             self.marks.append(self.snapshot())
+            self.segment(("start",))
+            self._micro = index
             original(model, index, count)
 
         return before_micro_batch
@@ -190,7 +223,7 @@ def measure_steps(
     probe = _StepProbe(model, optimizer, tally, counter)
     runtime.before_micro_batch = probe.micro_batch(runtime.before_micro_batch)
     configured = t.activation_checkpointing
-    results = {}
+    results, segments = {}, {}
     # Step 0 creates the optimizer state (and FSDP's lazy state); the others are alike but for checkpointing.
     settings = (configured, not configured, configured) if both_checkpointing else (configured, configured)
     try:
@@ -200,10 +233,15 @@ def measure_steps(
             probe.states.clear()
             probe.activations.clear()
             probe.marks.clear()
+            probe.segments = {}
+            probe._micro, probe._segment = 0, ("start",)
             tally.reset_peak()
             with counter:
                 _train_step(cfg, runtime, model, optimizer, x, step, probe)
-            results["on" if ckpt else "off"] = (tally.peak_bytes, probe.activations[0])
+            probe.segment(("end",))
+            key = "on" if ckpt else "off"
+            results[key] = (max(probe.segments.values()), probe.activations[0])
+            segments[key] = probe.segments
     finally:
         probe.close()
         del runtime.before_micro_batch
@@ -221,7 +259,19 @@ def measure_steps(
         flops=flops,
         flops_micro_batch=flops_micro,
         collectives=collectives,
+        peak_segments=segments,
     )
+
+
+def resting_parameter_bytes(cfg: Config, env: DistEnv) -> int:
+    """Bytes of the parameters this rank holds between steps (shards, padding included): a lower bound of its
+    memory, read from the meta tensors ``parallelize`` leaves, without running a step."""
+    runtime = ParallelRuntime(cfg, env)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    runtime.parallelize(model)
+    storages = model_state_storages(model, torch.optim.SGD([torch.zeros(1)]))["params"]
+    return sum(storages.values())
 
 
 def use_expert_kernel(model, kernel: str | None) -> None:

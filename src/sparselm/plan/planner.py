@@ -1,11 +1,11 @@
 """``plan(cfg, world_size, hardware)``: the dry run of a layout on a fake world, and its step-time estimate.
 
 Fake tensors cost no memory but each op costs tens of microseconds of Python, so a plan does not run all the
-layers of a deep model: it runs two shallow copies, one and two *periods* deep (a period is the repeating unit of
+layers of a deep model: it runs two shallow copies, two and three *periods* deep (a period is the repeating unit of
 layers: one block for a dense model, ``moe.moe_every`` blocks for an MoE), and extends every count linearly to the
 full depth. Each block of a period holds, sends and computes exactly what the same block of every other period
-does, so bytes, calls and FLOPs come out as a full run's; peaks are extended the same way (``tests/test_plan.py``
-compares both with full runs). ``full=True`` runs every layer.
+does, so bytes, calls and FLOPs come out as a full run's; the peak of live bytes is extended segment by segment
+(``extend_peak``; ``tests/test_plan.py`` compares both with full runs). ``full=True`` runs every layer.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass, fields, replace
 
 from sparselm.config import Config
-from sparselm.plan.dryrun import Collective, Measurement, dry_run
+from sparselm.plan.dryrun import Collective, Measurement, dry_run, resting_parameter_bytes
 from sparselm.plan.estimate import Estimate, estimate
 from sparselm.plan.fake import fake_world
 from sparselm.plan.hardware import Hardware
@@ -73,17 +73,32 @@ def plan(
         m = measure(cfg, *args)
     else:
         small, large = (measure(_with_layers(cfg, n), *args) for n in depths)
-        m = extend(small, large, (cfg.model.n_layers - depths[0]) / (depths[1] - depths[0]))
+        period = depths[1] - depths[0]
+        m = extend(small, large, period, cfg.model.n_layers // period)
     return Plan(cfg, hardware, m, estimate(m, cfg, hardware, efficiency), depths)
 
 
+def resting_bytes(cfg: Config, world_size: int) -> float:
+    """This rank's parameters between steps (``dryrun.resting_parameter_bytes``), for the full depth."""
+    depths = probe_depths(cfg)
+    sizes = [_with_layers(cfg, n) for n in depths] if depths else [cfg]
+    measured = []
+    for c in sizes:
+        with fake_world(world_size) as env:
+            measured.append(resting_parameter_bytes(c, env))
+    if depths is None:
+        return measured[0]
+    return _line(*measured, (cfg.model.n_layers - depths[0]) / (depths[1] - depths[0]))
+
+
 def probe_depths(cfg: Config) -> tuple[int, int] | None:
-    """One and two periods of layers, when the model is a whole number of periods and deeper than two."""
+    """Two and three periods of layers (first and last blocks apart, one between), when the model is a whole
+    number of periods and deeper than three."""
     period = cfg.moe.moe_every if cfg.moe.enabled else 1
     n = cfg.model.n_layers
-    if n % period or n <= 2 * period:
+    if n % period or n <= 3 * period:
         return None
-    return period, 2 * period
+    return 2 * period, 3 * period
 
 
 def _with_layers(cfg: Config, n_layers: int) -> Config:
@@ -94,20 +109,44 @@ def _line(a: float, b: float, periods: float) -> float:
     return a + (b - a) * periods
 
 
-def extend(small: Measurement, large: Measurement, periods: float) -> Measurement:
-    """``small`` + (``large`` - ``small``) x ``periods``, field by field (counts of one more period each)."""
+def extend(small: Measurement, large: Measurement, period: int, periods: int) -> Measurement:
+    """The measurement of ``periods`` periods from those of two (``small``) and three (``large``): every count is a
+    linear function of depth, and the peak is the largest of the step's segments extended one by one."""
     out = copy.deepcopy(large)
-    for name in ("state", "activations", "peak"):
+    steps = periods - 2  # periods beyond ``small``'s two
+    for name in ("state", "activations"):
         a, b = getattr(small, name), getattr(large, name)
-        setattr(out, name, {k: round(_line(a[k], b[k], periods)) for k in b})
-    out.flops = _line(small.flops, large.flops, periods)
-    out.flops_micro_batch = _line(small.flops_micro_batch, large.flops_micro_batch, periods)
+        setattr(out, name, {k: round(_line(a[k], b[k], steps)) for k in b})
+    out.peak = {k: extend_peak(small.peak_segments[k], large.peak_segments[k], period, periods) for k in large.peak}
+    out.flops = _line(small.flops, large.flops, steps)
+    out.flops_micro_batch = _line(small.flops_micro_batch, large.flops_micro_batch, steps)
     by_key = {(c.kind, c.group, c.phase): c for c in small.collectives}
     out.collectives = []
     for c in large.collectives:
         s = by_key.get((c.kind, c.group, c.phase), Collective(c.kind, c.group, c.ranks, c.phase, 0, 0, 0, 0))
-        numbers = {f.name: _line(getattr(s, f.name), getattr(c, f.name), periods)
+        numbers = {f.name: _line(getattr(s, f.name), getattr(c, f.name), steps)
                    for f in fields(Collective) if f.name in ("calls", "payload", "volume", "wire")}  # fmt: skip
         out.collectives.append(replace(c, **numbers))
     out.seconds = small.seconds + large.seconds
     return out
+
+
+def extend_peak(small: dict[tuple, int], large: dict[tuple, int], period: int, periods: int) -> int:
+    """Peak of live bytes at ``periods`` periods deep from the segment peaks of copies two (``small``) and three
+    (``large``) periods deep.
+
+    Every segment's peak grows linearly with depth when it keeps its place relative to the start (before the first
+    block, the first period's blocks: the embedding's backward closes the step) or to the end (the last period's
+    blocks: the head and the top of the backward follow them). Blocks in between hold fewer live activations than
+    the last ones in forward and the top ones in backward, so the peak is one of those extended."""
+    best = 0.0
+    for key, value in large.items():
+        micro, kind, *index = key
+        if not index or index[0] < period:
+            before = small.get(key, value)  # the same place from the start
+        elif index[0] >= 2 * period:
+            before = small.get((micro, kind, index[0] - period), value)  # the same place from the end
+        else:
+            continue
+        best = max(best, _line(before, value, periods - 2))
+    return round(best)

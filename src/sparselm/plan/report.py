@@ -114,20 +114,20 @@ def _footer(plan: Plan) -> str:
 def format_search(result, name: str, top: int) -> str:
     hw = result.hardware
     ranked, rejected = result.ranked, result.rejected
-    invalid = [t for t in rejected if t.plan is None]
-    too_big = [t for t in rejected if t.plan is not None]
+    too_big = [t for t in rejected if t.plan is not None or "GiB per device" in t.reason]
+    invalid = [t for t in rejected if t not in too_big]
     lines = [
         f"sparselm plan --search: {name} on {result.world_size:,} x {hw.name}",
-        f"  {len(ranked) + len(too_big)} layouts measured ({result.measured} dry runs), {len(invalid)} refused by the "
+        f"  {len(ranked) + len(too_big)} layouts sized ({result.measured} dry runs), {len(invalid)} refused by the "
         f"launcher's checks; {len(ranked)} fit",
         "",
     ]
     if ranked:
-        lines.append(f"  {'#':>3}  {'layout':<58}{'peak GiB':>10}{'step s':>9}{'tokens/s':>12}{'MFU':>7}")
+        lines.append(f"  {'#':>3}  {'layout':<62}{'peak GiB':>10}{'step s':>9}{'tokens/s':>12}{'MFU':>7}")
         for i, t in enumerate(ranked[:top], 1):
             m, e = t.plan.measurement, t.plan.estimate
             lines.append(
-                f"  {i:>3}  {t.label():<58}{m.peak_bytes / GIB:>10,.1f}{e.step_s:>9,.2f}{e.tokens_per_s:>12,.0f}"
+                f"  {i:>3}  {t.label():<62}{m.peak_bytes / GIB:>10,.1f}{e.step_s:>9,.2f}{e.tokens_per_s:>12,.0f}"
                 f"{e.mfu:>7.1%}"
             )
         if len(ranked) > top:
@@ -136,8 +136,8 @@ def format_search(result, name: str, top: int) -> str:
         lines.append("  no layout fits")
     if too_big:
         lines += ["", "does not fit (smallest micro batch of each layout and checkpointing setting):"]
-        for t in sorted(too_big, key=lambda t: t.plan.measurement.peak_bytes):
-            lines.append(f"  {t.label():<58}{t.reason}")
+        for t in too_big:
+            lines.append(f"  {t.label():<62}{t.reason}")
     if invalid:
         lines += ["", "refused by the launcher (the error `sparselm train` would stop with):"]
         by_reason: dict[str, list[str]] = {}

@@ -8,9 +8,11 @@ ZeRO-0/2/3 gather parameters in bf16 (``parallel.param_dtype=bf16``, FSDP's mixe
 traffic of fp32 gathers) unless ``--set`` says otherwise.
 
 Each layout is first checked by the launcher's own ``resolve_layout`` (the error it would stop with is the reason
-given). Then a dry run on shallow copies of the model (``planner``) measures it. Memory only grows with the micro
-batch, so for each layout and checkpointing setting the largest micro batch that fits is found by bisection; when a
-layout fits without checkpointing at its largest micro batch, checkpointing (only slower) is not tried.
+given), then by the bytes of the parameter shards ``parallelize`` leaves on each rank (no step needed to rule out a
+layout whose parameters alone do not fit). Then a dry run on shallow copies of the model (``planner``) measures
+it. Memory only grows with the micro batch, so for each layout and checkpointing setting the largest micro batch
+that fits is found by bisection; when a layout fits without checkpointing at its largest micro batch, checkpointing
+(only slower) is not tried.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sparselm.config import Config, apply_overrides
 from sparselm.errors import ConfigError
 from sparselm.parallel.layout import resolve_layout
 from sparselm.plan.hardware import Hardware
-from sparselm.plan.planner import DEFAULT_EFFICIENCY, Plan, plan
+from sparselm.plan.planner import DEFAULT_EFFICIENCY, Plan, plan, resting_bytes
 
 SEARCHED = (
     "parallel.dp_replicate",
@@ -136,6 +138,12 @@ def _try_layout(cfg, world, hw, fixed, settings, efficiency, result: SearchResul
         layout = resolve_layout(_with(cfg, first), world)
     except ConfigError as e:
         result.rejected.append(Trial(first, reason=str(e)))
+        return
+    resting = resting_bytes(_with(cfg, first), world)
+    if resting > hw.usable_bytes:  # no step needed to know
+        gib = 2**30
+        result.rejected.append(Trial(first, reason=f"its parameters alone take {resting / gib:,.3g} GiB per device "
+                                                   f"between steps, {hw.usable_bytes / gib:,.3g} usable"))  # fmt: skip
         return
     micros = micro_batches(cfg, layout.dp, fixed)
     ckpts = [fixed["train.activation_checkpointing"]] if "train.activation_checkpointing" in fixed else [False, True]
