@@ -90,17 +90,25 @@ class Measurement:
 
 
 def group_names(runtime: ParallelRuntime) -> dict[str, tuple[str, list[int]]]:
-    """Process group name -> (the mesh group it is, its ranks). The first name wins where groups coincide."""
+    """Process group name -> (what the group is, its ranks). Groups of the mesh coincide in some layouts (with ep
+    = the world, the expert group is the data-parallel one): the name says so, e.g. "ep=dp"."""
     dims = runtime.dims
     meshes = [("tp", dims.tp_mesh), ("ep", dims.ep_mesh), ("dp", dims.dp_mesh), ("dp_shard", dims.dp_shard_mesh)]
     meshes += [("dp_replicate", dims.mesh["dp_replicate"]), ("expert_dp", dims.expert_dp_mesh)]
     meshes += [("dp_shard_mod_ep", dims.mesh["dp_shard_mod_ep"])]
-    out: dict[str, tuple[str, list[int]]] = {}
+    roles: dict[str, list[str]] = {}
+    ranks: dict[str, list[int]] = {}
     for name, mesh in meshes:
         group = mesh.get_group()
-        out.setdefault(group.group_name, (name, dist.get_process_group_ranks(group)))
+        roles.setdefault(group.group_name, []).append(name)
+        ranks.setdefault(group.group_name, dist.get_process_group_ranks(group))
     world = dist.group.WORLD
-    out.setdefault(world.group_name, ("world", list(range(dist.get_world_size()))))
+    roles.setdefault(world.group_name, []).append("world")
+    ranks.setdefault(world.group_name, list(range(dist.get_world_size())))
+    out = {}
+    for key, names in roles.items():
+        main = [n for n in names if n in ("tp", "ep", "dp")]
+        out[key] = ("=".join(main) if main else names[0], ranks[key])
     return out
 
 

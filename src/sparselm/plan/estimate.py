@@ -72,7 +72,8 @@ def _collective_time(c: Collective, hw: Hardware, zero_stage: int) -> Collective
     link, bandwidth = ("intra-node", hw.intra_node_gbs) if nodes <= 1 else ("inter-node", hw.inter_node_gbs)
     seconds = c.wire / (bandwidth * 1e9) + c.calls * hw.latency_us * 1e-6
     bulk = c.calls and c.payload / c.calls > SCALAR_BYTES
-    overlapped = bool(bulk and c.group in DATA_PARALLEL_GROUPS and zero_stage != 1)
+    data_parallel = c.kind != "all_to_all" and any(name in DATA_PARALLEL_GROUPS for name in c.group.split("="))
+    overlapped = bool(bulk and data_parallel and zero_stage != 1)
     return CollectiveTime(c, link, nodes, seconds, overlapped)
 
 

@@ -115,10 +115,19 @@ def _sdpa_cpu_backward_flops(args, out) -> int:
     return sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
 
 
-# The CPU attention kernel is not in torch's FLOP registry; it does what flash attention does.
+def _grouped_mm_flops(args, out) -> int:
+    a, b = args[0], args[1]
+    if a.dim() == 2 and b.dim() == 2:  # groups along the contracted dim (the expert weight gradients)
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return 2 * out.numel() * a.shape[-1]  # each output row (or group) against its own matrix
+
+
+# Not in torch's FLOP registry: the CPU attention kernel (it does what flash attention does) and grouped_mm (the
+# MoE experts on accelerators).
 _EXTRA_FLOPS = {
     aten._scaled_dot_product_flash_attention_for_cpu.default: _sdpa_cpu_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward.default: _sdpa_cpu_backward_flops,
+    aten._grouped_mm.default: _grouped_mm_flops,
 }
 
 
