@@ -17,7 +17,6 @@ one for itself (ZeRO-0 synchronises only there), and the totals are scaled accor
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +26,9 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sparselm.config import Config
-from sparselm.model import moe
 from sparselm.model.moe import Experts
+from sparselm.ops.expert_loop import ExpertLoop
+from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.parallel.accounting import CommCounter, CommRecord, model_state_bytes, model_state_storages
 from sparselm.parallel.launch import DistEnv
 from sparselm.parallel.layout import Layout
@@ -292,19 +292,17 @@ def use_expert_kernel(model, kernel: str | None) -> None:
             module.impl = kernel
 
 
-@contextlib.contextmanager
-def _no_gradient_recycling():
-    # On CPUs the MoE loop kernel reuses last step's expert-gradient memory when nothing else holds it, judged by the
-    # storage's reference count, which fake tensors do not keep as real ones do: without this a dry run would keep
-    # a spare buffer a real rank does not. Fresh buffers each step peak where recycled ones do (tests/test_plan.py).
-    saved = getattr(moe, "REUSE_GRAD_BUFFERS", None)
-    if saved is not None:
-        moe.REUSE_GRAD_BUFFERS = False
-    try:
-        yield
-    finally:
-        if saved is not None:
-            moe.REUSE_GRAD_BUFFERS = saved
+def plan_expert_loop(model) -> None:
+    """Give every MoE a loop kernel that runs in this thread and takes fresh gradient memory each step.
+
+    Dispatch modes are per thread, so experts split over pool threads would escape the dry run's count. And the
+    CPU loop recycles last step's expert-gradient memory when nothing else holds it, judged by the storage's
+    reference count, which fake tensors do not keep as real ones do: a dry run would keep a spare buffer a real rank
+    does not (accelerators never recycle). Fresh buffers each step peak where recycled ones do (tests/test_plan.py).
+    Before ``parallelize``: expert parallelism copies the loop."""
+    for module in model.modules():
+        if isinstance(module, Experts):
+            module.loop = ExpertLoop(ExpertLoopSettings(threads=1, reuse_grad_buffers=False))
 
 
 def dry_run(
@@ -319,10 +317,11 @@ def dry_run(
     with torch.device("meta"):
         model = build_model(cfg)
     use_expert_kernel(model, expert_kernel)
+    plan_expert_loop(model)
     runtime.parallelize(model)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     dry = DryRun(fake_mode)
-    with fake_mode, dry, _no_gradient_recycling():
+    with fake_mode, dry:
         model.to_empty(device=runtime.device)
 
         def tokens(shape):
