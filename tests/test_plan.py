@@ -149,11 +149,14 @@ def bench_configs(world: int) -> list[list[str]]:
 
 # Layouts whose peaks (both activation-checkpointing settings) are measured on real ranks the way the dry run
 # measures them, with the expert kernel (None: the CPU's loop; grouped_mm: what accelerators run and hardware plans
-# assume, bf16 only on CPUs). Peaks are per layout, not per benchmark: two per world size cover FSDP, TP + SP and
-# both expert kernels.
+# assume, bf16 only on CPUs). Peaks are per layout, not per benchmark: FSDP, TP + SP, EP over the world, and GLaM's
+# shape (ZeRO-3 with bf16 gathers, experts split over some ranks and sharded over the rest, fewer local experts than
+# shards, grouped_mm).
+GLAM_SHAPE = [*pb.MOE, "moe.num_experts=2", "parallel.ep=2", "parallel.zero_stage=3", "parallel.param_dtype=bf16",
+              "train.precision=bf16"]  # fmt: skip
 PEAKS = {
     2: [(stage_overrides("bf16", 3), None), (comm_overrides("TP + SP", 2), None), (comm_overrides("EP", 2), None)],
-    4: [(comm_overrides("TP", 4), None), ([*comm_overrides("EP", 4), "train.precision=bf16"], "grouped_mm")],
+    4: [(comm_overrides("TP", 4), None), (GLAM_SHAPE, "grouped_mm")],
 }
 ACCUMULATE = stage_overrides("fp32", 0)  # ZeRO-0 reduces gradients at the last of the micro-batches only
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from sparselm.config import Config
 from sparselm.model.moe import MoE
@@ -32,7 +33,7 @@ def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[p.reduce_dtype])
 
 
-def _wrap(module: nn.Module, cfg: Config, mesh, stage: int) -> FSDPModule:
+def _wrap(module: nn.Module, cfg: Config, mesh, stage: int, placement=None) -> FSDPModule:
     mp = mixed_precision_policy(cfg)
     if stage == 0:
         return replicate(module, mesh=mesh, mp_policy=mp)
@@ -40,7 +41,23 @@ def _wrap(module: nn.Module, cfg: Config, mesh, stage: int) -> FSDPModule:
     if cfg.parallel.cpu_offload:
         # Pinned host memory makes the GPU copies asynchronous; without a GPU there is nothing to pin (or offload).
         offload = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
-    return fully_shard(module, mesh=mesh, reshard_after_forward=stage == 3, mp_policy=mp, offload_policy=offload)
+    return fully_shard(
+        module,
+        mesh=mesh,
+        reshard_after_forward=stage == 3,
+        mp_policy=mp,
+        offload_policy=offload,
+        shard_placement_fn=placement,
+    )
+
+
+def _expert_placement(experts: nn.Module, mesh) -> object:
+    """FSDP shards dim 0 by default, the expert dim of ``[E_local, d_in, d_out]``. With fewer local experts than
+    shards (GLaM: 64 experts over ep=64 leaves one per rank, sharded 16 ways) every shard would be padded to a whole
+    expert, 16x the memory and traffic (``sparselm plan`` showed it): shard d_in (dim 1) instead."""
+    if experts.num_local_experts % mesh.size() == 0:
+        return None
+    return lambda param: Shard(1)
 
 
 def apply_data_parallel(model: nn.Module, cfg: Config, dims: ParallelDims) -> None:
@@ -53,7 +70,8 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dims: ParallelDims) -> No
     expert_mesh = dims.expert_dp_mesh if stage == 0 else dims.expert_fsdp_mesh()
     for block in model.layers:
         if layout.ep > 1 and isinstance(block.ffn, MoE):
-            experts = _wrap(block.ffn.experts, cfg, expert_mesh, stage)
+            placement = _expert_placement(block.ffn.experts, expert_mesh)
+            experts = _wrap(block.ffn.experts, cfg, expert_mesh, stage, placement)
             # Each expert copy saw the tokens of all ep ranks, so the sum over its copies still has to be divided
             # by the whole data-parallel size, not by the number of copies.
             experts.set_gradient_divide_factor(float(layout.dp))
