@@ -71,13 +71,8 @@ def run(args: argparse.Namespace) -> int:
         result = plan(cfg, args.world_size, hw, efficiency, full=args.full)
         print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, name))
         return 0
-    from sparselm.plan.search import SEARCHED, search
+    from sparselm.plan.search import fixed_settings, search
 
-    fixed = {}
-    for item in args.overrides:
-        key = item.split("=", 1)[0].strip()
-        if key in SEARCHED:
-            fixed[key] = item.split("=", 1)[1].strip()
     cfg = plan_config(cfg, hw)
     progress = None
     if sys.stderr.isatty() and not args.json:
@@ -85,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         def progress(message: str) -> None:
             print(f"\rsearching: {message}   ", end="", file=sys.stderr, flush=True)
 
-    result = search(cfg, args.world_size, hw, _typed(fixed), efficiency, progress)
+    result = search(cfg, args.world_size, hw, fixed_settings(args.overrides), efficiency, progress)
     if progress:
         print(file=sys.stderr)
     best = None
@@ -99,18 +94,6 @@ def run(args: argparse.Namespace) -> int:
         print("\nthe fastest layout in full:\n")
         print(format_plan(best, name))
     return 0
-
-
-def _typed(fixed: dict[str, str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in fixed.items():
-        if key == "train.activation_checkpointing":
-            out[key] = value.lower() in ("1", "true", "yes", "on")
-        elif key == "parallel.param_dtype":
-            out[key] = value
-        else:
-            out[key] = int(value)
-    return out
 
 
 def _search_json(result, best) -> dict:

@@ -39,6 +39,22 @@ SEARCHED = (
 )
 
 
+def fixed_settings(overrides: list[str]) -> dict[str, object]:
+    """The searched fields an override list (``--set``) pins, typed as the search uses them."""
+    out: dict[str, object] = {}
+    for item in overrides:
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in SEARCHED:
+            continue
+        if key == "train.activation_checkpointing":
+            out[key] = value.lower() == "true"
+        elif key == "parallel.param_dtype":
+            out[key] = value.strip('"')
+        else:
+            out[key] = int(value)
+    return out
+
+
 @dataclass
 class Trial:
     settings: dict[str, object]
