@@ -352,6 +352,21 @@ def test_glam_plans_at_1024_ranks_in_a_process_of_bounded_memory(tmp_path: Path)
     assert total_params * 4 <= m["state"]["params"] * 1024 <= total_params * 4 * 1.01
 
 
+@pytest.mark.parametrize("ep", [1, 2])
+def test_fewer_experts_than_shards_are_not_padded(ep: int) -> None:
+    """2 experts under ZeRO-3 on 4 ranks (ep=1: 2 experts over 4 shards; ep=2: one local expert over 2): FSDP shards
+    d_in, so each rank rests at a quarter of the parameters; sharding the expert dim padded each shard to a whole
+    expert (GLaM at 1,024 ranks: 64 GiB per rank instead of 4.2)."""
+    from sparselm.config import load_config
+    from sparselm.params.counting import count_params
+    from sparselm.plan.planner import resting_bytes
+
+    cfg = load_config(None, [*SMALL, "model.n_layers=2", "moe.num_experts=2", "moe.moe_every=1",
+                             "moe.d_ff_expert=1024", "parallel.zero_stage=3", f"parallel.ep={ep}"])  # fmt: skip
+    share = count_params(cfg).total * 4 / 4
+    assert share <= resting_bytes(cfg, 4) <= share * 1.001
+
+
 def test_search_ranks_what_fits_and_says_why_the_rest_does_not(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """On a 9 MiB device, ZeRO-0 of a 0.4M-parameter model fits only with tp=2; tp=4 cannot split 2 heads."""
     hw = tmp_path / "tiny.toml"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Shard
 
 from sparselm.config import Config
 from sparselm.model.moe import MoE
@@ -33,7 +33,7 @@ def mixed_precision_policy(cfg: Config) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[p.reduce_dtype])
 
 
-def _wrap(module: nn.Module, cfg: Config, mesh, stage: int, placement=None) -> FSDPModule:
+def _wrap(module: nn.Module, cfg: Config, mesh, stage: int, experts: bool = False) -> FSDPModule:
     mp = mixed_precision_policy(cfg)
     if stage == 0:
         return replicate(module, mesh=mesh, mp_policy=mp)
@@ -47,17 +47,27 @@ def _wrap(module: nn.Module, cfg: Config, mesh, stage: int, placement=None) -> F
         reshard_after_forward=stage == 3,
         mp_policy=mp,
         offload_policy=offload,
-        shard_placement_fn=placement,
+        shard_placement_fn=_placement(mesh.size(mesh.ndim - 1), experts),
     )
 
 
-def _expert_placement(experts: nn.Module, mesh) -> object:
-    """FSDP shards dim 0 by default, the expert dim of ``[E_local, d_in, d_out]``. With fewer local experts than
-    shards (GLaM: 64 experts over ep=64 leaves one per rank, sharded 16 ways) every shard would be padded to a whole
-    expert, 16x the memory and traffic (``sparselm plan`` showed it): shard d_in (dim 1) instead."""
-    if experts.num_local_experts % mesh.size() == 0:
-        return None
-    return lambda param: Shard(1)
+def _placement(shards: int, experts: bool):
+    """Which dim FSDP shards: dim 0, unless it is shorter than the number of shards. FSDP pads dim 0 to a multiple
+    of the shards, so expert weights ``[E, d_in, d_out]`` with fewer experts than shards (GLaM: 64 experts over
+    1,024 ranks, or one local expert per rank at ep=64 sharded 16 ways) would give every shard a whole expert,
+    16-1,024x the memory and traffic (``sparselm plan`` showed it): such tensors are sharded on dim 1 when it
+    divides. ``experts``: the module is a ``ParallelExperts``, whose DTensors (over the ep mesh) are judged by their
+    local shape."""
+
+    def placement(param: torch.Tensor):
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if (isinstance(param, DTensor) and not experts) or local.dim() < 2:
+            return None  # tensor-parallel DTensors keep FSDP's default
+        if local.shape[0] >= shards or local.shape[1] % shards:
+            return None
+        return Shard(1)
+
+    return placement
 
 
 def apply_data_parallel(model: nn.Module, cfg: Config, dims: ParallelDims) -> None:
@@ -70,8 +80,7 @@ def apply_data_parallel(model: nn.Module, cfg: Config, dims: ParallelDims) -> No
     expert_mesh = dims.expert_dp_mesh if stage == 0 else dims.expert_fsdp_mesh()
     for block in model.layers:
         if layout.ep > 1 and isinstance(block.ffn, MoE):
-            placement = _expert_placement(block.ffn.experts, expert_mesh)
-            experts = _wrap(block.ffn.experts, cfg, expert_mesh, stage, placement)
+            experts = _wrap(block.ffn.experts, cfg, expert_mesh, stage, experts=True)
             # Each expert copy saw the tokens of all ep ranks, so the sum over its copies still has to be divided
             # by the whole data-parallel size, not by the number of copies.
             experts.set_gradient_divide_factor(float(layout.dp))
