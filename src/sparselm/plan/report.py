@@ -10,7 +10,10 @@ GIB = 2**30
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:,.2f}"
+    """Bytes in GiB, or in MiB below one GiB (a laptop-sized model would read 0.00 GiB)."""
+    if abs(n) < GIB:
+        return f"{n / 2**20:,.2f} MiB"
+    return f"{n / GIB:,.2f} GiB"
 
 
 def _ms(seconds: float) -> str:
@@ -44,29 +47,29 @@ def format_plan(plan: Plan, name: str) -> str:
         f"  batch        {t.global_batch_size:,} sequences per step = {m.layout.dp:,} data-parallel ranks x "
         f"{accumulate}",
         "",
-        "memory per device (rank 0)                         GiB",
-        f"  parameters                              {gib(m.state['params']):>12}",
-        f"  gradients                               {gib(m.state['grads']):>12}",
-        f"  optimizer state                         {gib(m.state['optimizer']):>12}",
-        f"  model state at its peak                 {gib(m.state['total']):>12}   (end of forward, backward, "
+        "memory per device (rank 0)",
+        f"  parameters                              {gib(m.state['params']):>16}",
+        f"  gradients                               {gib(m.state['grads']):>16}",
+        f"  optimizer state                         {gib(m.state['optimizer']):>16}",
+        f"  model state at its peak                 {gib(m.state['total']):>16}   (end of forward, backward, "
         "reduction or step)",
-        f"  activations, one micro-batch            {gib(m.activations[ckpt]):>12}   (checkpointing {ckpt}; "
+        f"  activations, one micro-batch            {gib(m.activations[ckpt]):>16}   (checkpointing {ckpt}; "
         f"{other}: {gib(m.activations[other])})",
-        f"  peak of all tensors in the step         {gib(m.peak[ckpt]):>12}   (checkpointing {other}: "
+        f"  peak of all tensors in the step         {gib(m.peak[ckpt]):>16}   (checkpointing {other}: "
         f"{gib(m.peak[other])})",
-        f"  usable on the device                    {gib(e.usable_bytes):>12}   ({hw.usable_fraction:.0%} of "
+        f"  usable on the device                    {gib(e.usable_bytes):>16}   ({hw.usable_fraction:.0%} of "
         f"{hw.memory_gib:g} GiB)",
         "  " + fit_sentence(plan),
         "",
         "collectives per step (rank 0; bytes per step, wire = sent with ring algorithms)",
         f"  {'kind':<15}{'group':<16}{'ranks':>6}{'nodes':>7}  {'when':<12}{'calls':>8}{'GiB':>11}"
-        f"{'wire GiB':>11}{'link':>12}{'ms':>10}",
+        f"{'wire GiB':>11}{'link':>16}{'ms':>10}",
     ]
     for ct in sorted(e.collectives, key=lambda ct: -ct.seconds):
         c = ct.collective
         lines.append(
             f"  {c.kind:<15}{c.group:<16}{len(c.ranks):>6}{ct.nodes:>7}  {c.phase:<12}{c.calls:>8,.0f}"
-            f"{c.volume / GIB:>11,.2f}{c.wire / GIB:>11,.2f}{ct.link:>12}{_ms(ct.seconds):>10}"
+            f"{c.volume / GIB:>11,.2f}{c.wire / GIB:>11,.2f}{ct.link:>16}{_ms(ct.seconds):>10}"
             + ("  (overlapped)" if ct.overlapped else "")
         )
     if not e.collectives:
@@ -74,10 +77,10 @@ def format_plan(plan: Plan, name: str) -> str:
     lines += [
         "",
         f"step time estimate on {hw.key}",
-        f"  compute                 {_ms(e.compute_s):>12} ms",
-        f"  communication, exposed  {_ms(e.exposed_comm_s):>12} ms",
+        f"  compute                 {_ms(e.compute_s):>16} ms",
+        f"  communication, exposed  {_ms(e.exposed_comm_s):>16} ms",
         f"  communication, overlapped with compute {_ms(e.overlapped_comm_s)} ms (shows only beyond the compute)",
-        f"  step                    {_ms(e.step_s):>12} ms  = {e.tokens_per_s:,.0f} tokens/s, "
+        f"  step                    {_ms(e.step_s):>16} ms  = {e.tokens_per_s:,.0f} tokens/s, "
         f"{e.samples_per_s:,.1f} samples/s",
         f"  per device              {e.model_tflops_per_device:,.1f} model TFLOP/s (MFU {e.mfu:.1%}), "
         f"{e.hardware_tflops_per_device:,.1f} TFLOP/s run (recomputation included)",
@@ -95,8 +98,8 @@ def fit_sentence(plan: Plan) -> str:
     close = " (close, and the peak was extended from shallow copies: check with --full)" if (
         plan.extrapolated_from and abs(margin) < 0.05 * e.usable_bytes) else ""  # fmt: skip
     if e.fits:
-        return f"fits: {gib(margin)} GiB to spare{close}"
-    return f"does NOT fit: {gib(-margin)} GiB short{close}"
+        return f"fits: {gib(margin)} to spare{close}"
+    return f"does NOT fit: {gib(-margin)} short{close}"
 
 
 def _footer(plan: Plan) -> str:
@@ -123,7 +126,7 @@ def format_search(result, name: str, top: int) -> str:
         "",
     ]
     if ranked:
-        lines.append(f"  {'#':>3}  {'layout':<62}{'peak GiB':>10}{'step s':>9}{'tokens/s':>12}{'MFU':>7}")
+        lines.append(f"  {'#':>3}  {'layout':<62}{'peak GiB':>10}{'step s':>9}{'tokens/s':>16}{'MFU':>7}")
         for i, t in enumerate(ranked[:top], 1):
             m, e = t.plan.measurement, t.plan.estimate
             lines.append(
