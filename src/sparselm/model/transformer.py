@@ -20,11 +20,12 @@ from sparselm.errors import InputError
 from sparselm.model.attention import Attention, AttentionCache, KVCache, causal_slots
 from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
 from sparselm.model.moe import MoE, MoEStats
+from sparselm.ops import linear_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None  # None when targets were given: the loss is computed without them
     loss: torch.Tensor | None  # mean next-token cross-entropy over targets != -100
     aux_loss: torch.Tensor  # mean Switch load-balancing loss over MoE layers (0 for a dense model)
     z_loss: torch.Tensor  # mean router z-loss over MoE layers (0 for a dense model)
@@ -166,10 +167,13 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
+        logits, loss = None, None
+        if targets is None:
+            logits = F.linear(x, head)
+        else:
+            # = F.cross_entropy(F.linear(x, head).float(), targets), in chunks of rows (no [tokens, vocab] tensors).
+            loss = linear_cross_entropy(x.flatten(0, 1), head, targets.flatten(), ignore_index=-100)
         zero = torch.zeros((), device=idx.device)
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
         z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero

@@ -6,7 +6,9 @@
 - ``ExpertLoop``: the CPU expert FFN kernel, a custom autograd Function walking the experts (``expert_loop.py``),
   with its settings (``settings.py``), its thread groups (``thread_groups.py``) and its recycled gradient memory
   (``grad_buffers.py``);
-- ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``).
+- ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``);
+- ``linear_cross_entropy``: the output layer and the cross-entropy in row chunks, without the full fp32 logits
+  (``linear_cross_entropy.py``).
 
 Nothing here knows about modules or ranks: tensors in, tensors out.
 """
@@ -16,6 +18,7 @@ from sparselm.ops.dispatch import dispatch
 from sparselm.ops.expert_loop import ExpertLoop, default_expert_loop
 from sparselm.ops.grad_buffers import GradBuffers
 from sparselm.ops.grouped_mm import grouped_experts, grouped_matmul
+from sparselm.ops.linear_cross_entropy import linear_cross_entropy
 from sparselm.ops.permute import Permutation, permute
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads, split_experts
@@ -31,6 +34,7 @@ __all__ = [
     "dispatch",
     "grouped_experts",
     "grouped_matmul",
+    "linear_cross_entropy",
     "permute",
     "split_experts",
 ]

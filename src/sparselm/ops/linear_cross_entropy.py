@@ -1,0 +1,119 @@
+"""Output layer + cross-entropy in row chunks: the loss and its gradients without the full fp32 logits.
+
+The plain path, ``F.cross_entropy(F.linear(x, W).float(), targets)``, writes the logits, an fp32 copy of them and
+their log-softmax, and in the backward a zero-filled gradient of the same size, the log-softmax gradient and its
+cast back: at 4,096 tokens and a 32k vocabulary each of these is 0.26-0.52 GB, and on a CPU moving them costs about
+as much as the output GEMMs' arithmetic. Here the rows are taken a chunk at a time: the chunk's logits are computed
+into one reused buffer in the compute dtype, and small blocks of its rows (sized to stay in cache) are upcast to
+fp32 for their log-sum-exp, loss and softmax, whose gradient is written back over the logits in place; the chunk's
+input gradient and its share of the weight gradient follow at once. Gradients are computed in the forward (when
+autograd will want them), so the backward only scales them by the incoming gradient: no logits are recomputed.
+
+The math is the plain path's: logits in the compute dtype (bf16 under autocast) upcast to fp32, the mean over
+targets != ``ignore_index``, ``d logits = (softmax - onehot) / n`` rounded to the compute dtype before the two GEMMs.
+What differs are roundings: the weight gradient is summed over chunks in fp32 (each chunk's GEMM rounds once, instead
+of one rounding for all rows), and the incoming gradient multiplies the results instead of ``d logits``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Logits elements per chunk (bf16: 128 MB): few chunks, since each adds one pass over the [V, d] fp32 weight gradient.
+CHUNK_ELEMENTS = 1 << 26
+# Logits elements upcast to fp32 at a time (4 MB): the softmax passes stay in cache.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``x @ weight.T`` against ``targets``: ``x`` [N, d], ``weight`` [V, d], ``targets`` [N]
+    -> fp32 scalar. Under autocast the GEMMs run in the autocast dtype, as ``F.linear`` would; ``weight`` may be the
+    fp32 master (its gradient is returned in its own dtype, accumulated in fp32)."""
+    if x.dim() != 2 or weight.dim() != 2 or targets.shape != x.shape[:1] or x.shape[1] != weight.shape[1]:
+        shapes = f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
+        raise ValueError(f"expected x [N, d], weight [V, d], targets [N]; got {shapes}")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    rows = chunk_rows or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    # Gradients are made in the forward, so only when autograd will ask for them (not under no_grad, in eval).
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, rows, grad)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, chunk_rows, grad):
+        cd = x.dtype
+        n_rows, vocab = x.shape[0], weight.shape[0]
+        want_dx, want_dw = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        want_grad = want_dx or want_dw
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(cd)
+            valid = targets != ignore_index
+            count = int(valid.sum())
+            safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
+            # Each valid row's share of the mean (0 for ignored rows, whose gradient is zero).
+            scale = valid.to(torch.float32) / max(count, 1)
+            row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+            dx = torch.empty_like(x) if want_dx else None
+            dw = None
+            logits = torch.empty(min(chunk_rows, n_rows), vocab, dtype=cd, device=x.device)
+            block = max(1, BLOCK_ELEMENTS // vocab)
+            for start in range(0, n_rows, chunk_rows):
+                stop = min(start + chunk_rows, n_rows)
+                chunk = logits[: stop - start]
+                torch.mm(x[start:stop], w.t(), out=chunk)
+                for b in range(0, stop - start, block):
+                    rows = slice(start + b, min(start + b + block, stop))
+                    _softmax_block(chunk[b : b + block], safe_targets[rows], scale[rows], row_loss[rows], want_grad)
+                if want_dx:
+                    torch.mm(chunk, w, out=dx[start:stop])
+                if want_dw:
+                    dw = _accumulate(dw, chunk.t(), x[start:stop])
+            loss = row_loss.masked_fill_(~valid, 0.0).sum(dtype=torch.float64).div(count).to(torch.float32)
+        if dw is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)
+        ctx.grads = (dx, dw)
+        ctx.mark_non_differentiable(targets)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy computes its gradients once; backward ran a second time")
+        dx, dw = ctx.grads
+        ctx.grads = None  # handed over: autograd may adopt them as .grad without copying
+        if not bool(grad_loss == 1):
+            dx = dx * grad_loss.to(dx.dtype) if dx is not None else None
+            dw = dw * grad_loss.to(dw.dtype) if dw is not None else None
+        return dx, dw, None, None, None, None
+
+
+def _softmax_block(logits, targets, scale, row_loss, want_grad: bool) -> None:
+    """Loss of a block of rows into ``row_loss``; with ``want_grad`` its logits are overwritten by d logits."""
+    lf = logits.float()  # a copy in bf16, the block itself in fp32 (then updated in place: the logits go anyway)
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    torch.sub(lse.squeeze(1), lf.gather(1, targets).squeeze(1), out=row_loss)
+    if not want_grad:
+        return
+    probs = lf.sub_(lse).exp_()
+    probs.scatter_add_(1, targets, torch.full_like(lse, -1.0))
+    probs.mul_(scale.unsqueeze(1))
+    if probs.data_ptr() != logits.data_ptr():
+        logits.copy_(probs)
+
+
+def _accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``acc + a @ b`` in fp32 (``acc`` None: start the sum); a bf16 GEMM rounds its own result once."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
+    part = torch.mm(a, b)
+    return part.float() if acc is None else acc.add_(part)
