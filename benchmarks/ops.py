@@ -1,11 +1,15 @@
-"""Micro-benchmarks of the MoE ops in ``sparselm.ops``, one per op, at the MoE-layer benchmark's shape.
+"""Micro-benchmarks of the ops in ``sparselm.ops``, one per op: the MoE ops at the MoE-layer benchmark's shape and
+the chunked output layer + cross-entropy at the training benchmark's (nanoGPT's) shape.
 
 Each op is timed alone, forward + backward where it has one: ``permute`` (sort by expert, dropless and with a
 capacity), ``dispatch`` and ``combine`` (gathers), and the expert FFN kernels: ``ExpertLoop`` with its default
 settings, without the thread-group split (every GEMM on all threads), without gradient-buffer recycling, and
-``grouped_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert). All ops of one
-dtype are timed in interleaved rounds (A, B, C, A, B, C, ...) after one warm-up each; medians in ms. ``bf16`` =
-activations in bf16 over fp32 master weights (what autocast training hands the kernels).
+``grouped_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert). Then
+``linear_cross_entropy`` against the plain ``F.cross_entropy(F.linear(x, W).float(), y)`` it replaces (4,096 tokens,
+d_model 512, vocabulary 32,000 by default), with its peak memory (the largest resident-set growth over one step,
+measured in a fresh process). All ops of one dtype are timed in interleaved rounds (A, B, C, A, B, C, ...) after one
+warm-up each; medians in ms. ``bf16`` = activations in bf16 over fp32 master weights (what autocast training hands
+the kernels).
 
     python benchmarks/ops.py [--json] [--experts 64] [--top-k 2] [--tokens 8192] [--repeats 5] [--write-docs]
 """
@@ -16,15 +20,27 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from memory import peak_rss_mb, reset_peak_rss, rss_mb
 from moe_layer import cpu_name, time_interleaved
-from sparselm.ops import ExpertLoop, ExpertLoopSettings, combine, dispatch, grouped_experts, permute
+from sparselm.ops import (
+    ExpertLoop,
+    ExpertLoopSettings,
+    combine,
+    dispatch,
+    grouped_experts,
+    linear_cross_entropy,
+    permute,
+)
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +97,33 @@ def expert_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Call
     }
 
 
+CE_REFERENCE = "linear + cross_entropy (plain)"
+
+
+def cross_entropy_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Callable[[], None]]:
+    """The output layer + loss, plain and chunked: x [tokens, d] (fp32, as the residual stream is), W [V, d] fp32
+    master weights, autocast when ``dtype`` is bf16; forward + backward of the mean loss."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.ce_tokens, args.d_model, generator=gen).requires_grad_(True)
+    w = nn.Parameter(torch.randn(args.vocab, args.d_model, generator=gen) * 0.02)
+    y = torch.randint(0, args.vocab, (args.ce_tokens,), generator=gen)
+    bf16 = dtype == torch.bfloat16
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            x.grad = w.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn()
+            loss.backward()
+
+        return run
+
+    return {
+        CE_REFERENCE: step(lambda: F.cross_entropy(F.linear(x, w).float(), y)),
+        "linear_cross_entropy (chunked)": step(lambda: linear_cross_entropy(x, w, y)),
+    }
+
+
 def format_table(rows: list[dict], args: argparse.Namespace, note: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     lines = [
@@ -90,12 +133,21 @@ def format_table(rows: list[dict], args: argparse.Namespace, note: str) -> str:
         "forward + backward except `permute`. 1-minute load average at the end "
         f"{os.getloadavg()[0]:.2f} (2 cores: above ~0.2 beyond this run is someone else's work).",
         "",
-        "| op | dtype | ms | fastest run ms | / expert_loop (default settings) |",
-        "|---|---|---:|---:|---:|",
+        "| op | dtype | ms | fastest run ms | / reference | reference |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for r in rows:
-        ratio = f"{r['vs_default_loop']:.2f}" if r.get("vs_default_loop") is not None else "-"
-        lines.append(f"| {r['op']} | {r['dtype']} | {r['ms']:,.2f} | {r['ms_min']:,.2f} | {ratio} |")
+        ratio = f"{r['vs_reference']:.2f}" if r.get("vs_reference") is not None else "-"
+        ref = r.get("reference") or "-"
+        lines.append(f"| {r['op']} | {r['dtype']} | {r['ms']:,.2f} | {r['ms_min']:,.2f} | {ratio} | {ref} |")
+    ce = [r for r in rows if "peak_mb" in r]
+    if ce:
+        lines += [
+            "",
+            f"Output layer + loss at {args.ce_tokens:,} tokens, d_model {args.d_model}, vocabulary "
+            f"{args.vocab:,}: peak memory of one step (resident-set growth, fresh process):",
+        ]
+        lines += [f"{r['op']} ({r['dtype']}): {r['peak_mb']:,.0f} MB" for r in ce]
     if note:
         lines += ["", note]
     return "\n".join(lines)
@@ -112,6 +164,28 @@ def write_docs(table: str) -> None:
     DOCS.write_text(text)
 
 
+def _peak_memory(args: argparse.Namespace) -> float:
+    """MB by which one step of the op named in ``--peak-memory-of`` (after a warm-up step) raised the peak RSS."""
+    op, dtype = args.peak_memory_of.rsplit("/", 1)
+    step = cross_entropy_steps(args, torch.float32 if dtype == "fp32" else torch.bfloat16)[op]
+    step()
+    before = rss_mb()
+    reset_peak_rss()
+    step()
+    return peak_rss_mb() - before
+
+
+def _peak_memory_in_child(op: str, dtype: str) -> float:
+    """Peak memory of one step measured in a fresh process (this one's peak already holds every other op's)."""
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--write-docs")]
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv, "--peak-memory-of", f"{op}/{dtype}"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object per row (and no table)")
@@ -124,6 +198,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-wait", action="store_true", help="do not wait for idle CPUs before each timed step")
+    ap.add_argument("--ce-tokens", type=int, default=4096, help="tokens for the output layer + loss")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the output layer (0: skip it)")
+    ap.add_argument("--peak-memory-of", default="", help=argparse.SUPPRESS)  # OP/DTYPE, run in a child process
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     args = ap.parse_args()
     note = ""
@@ -137,18 +214,32 @@ def main() -> None:
         dtypes = ["fp32"]
         note = f"bf16 rows skipped: {cpu_speeds_sentence()} (emulated). `--dtypes fp32,bf16` times them anyway."
     torch.set_num_threads(args.threads)
+    if args.peak_memory_of:
+        print(json.dumps({"peak_mb": _peak_memory(args)}))
+        return
     rows = []
+    loop_reference = "expert_loop (default settings)"
     for name in dtypes:
-        steps = expert_steps(args, torch.float32 if name == "fp32" else torch.bfloat16)
-        times, _ = time_interleaved(steps, args.repeats, not args.no_wait)
-        default = statistics.median(times["expert_loop (default settings)"])
-        for op, ms in times.items():
-            row = {"op": op, "dtype": name, "ms": statistics.median(ms), "ms_min": min(ms)}
-            row["vs_default_loop"] = row["ms"] / default if op.startswith(("expert_loop", "grouped")) else None
-            row |= {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k, "repeats": args.repeats}
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
+        dtype = torch.float32 if name == "fp32" else torch.bfloat16
+        groups = [(expert_steps(args, dtype), loop_reference, ("expert_loop", "grouped"))]
+        if args.vocab:
+            groups.append((cross_entropy_steps(args, dtype), CE_REFERENCE, ("linear",)))
+        for steps, reference, compared in groups:
+            times, _ = time_interleaved(steps, args.repeats, not args.no_wait)
+            ref_ms = statistics.median(times[reference])
+            for op, ms in times.items():
+                row = {"op": op, "dtype": name, "ms": statistics.median(ms), "ms_min": min(ms)}
+                if op.startswith(compared):
+                    row |= {"vs_reference": row["ms"] / ref_ms, "reference": reference}
+                if reference == CE_REFERENCE:
+                    row |= {"tokens": args.ce_tokens, "vocab": args.vocab, "d_model": args.d_model}
+                    row["peak_mb"] = _peak_memory_in_child(op, name)
+                else:
+                    row |= {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k}
+                row["repeats"] = args.repeats
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
     table = format_table(rows, args, note)
     if not args.json:
         print(table)

@@ -60,12 +60,16 @@ def test_moe_layer_benchmark_smallest_setting() -> None:
 
 def test_ops_benchmark_smallest_setting() -> None:
     args = ["--experts", "4", "--top-k", "2", "--tokens", "64", "--d-model", "16", "--d-ff", "32"]
+    args += ["--ce-tokens", "32", "--vocab", "64"]
     rows = _run("ops.py", *args, "--repeats", "1", "--dtypes", "fp32", "--no-wait")
     ops = [r["op"].split()[0].rstrip(",") for r in rows]
-    assert set(ops) == {"permute", "dispatch", "combine", "expert_loop", "grouped_experts"}, ops
+    want = {"permute", "dispatch", "combine", "expert_loop", "grouped_experts", "linear", "linear_cross_entropy"}
+    assert set(ops) == want, ops
     assert all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
     default = next(r for r in rows if r["op"] == "expert_loop (default settings)")
-    assert default["vs_default_loop"] == 1.0
+    assert default["vs_reference"] == 1.0
+    chunked = next(r for r in rows if r["op"] == "linear_cross_entropy (chunked)")
+    assert chunked["reference"] == "linear + cross_entropy (plain)" and chunked["peak_mb"] >= 0
 
 
 def test_serve_benchmark_smallest_setting(tiny_tokenizer) -> None:
