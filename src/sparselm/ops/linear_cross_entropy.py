@@ -98,15 +98,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _softmax_block(logits, targets, scale, row_loss, want_grad: bool) -> None:
-    """Loss of a block of rows into ``row_loss``; with ``want_grad`` its logits are overwritten by d logits."""
+    """Loss of a block of rows into ``row_loss``; with ``want_grad`` its logits are overwritten by d logits.
+    One exp per logit: the shifted exponentials give both the log-sum-exp and the softmax."""
     lf = logits.float()  # a copy in bf16, the block itself in fp32 (then updated in place: the logits go anyway)
-    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
-    torch.sub(lse.squeeze(1), lf.gather(1, targets).squeeze(1), out=row_loss)
+    lf.sub_(lf.amax(dim=-1, keepdim=True))
+    target_logit = lf.gather(1, targets)
+    total = lf.exp_().sum(dim=-1, keepdim=True)
+    torch.sub(total.log(), target_logit, out=row_loss.unsqueeze(1))
     if not want_grad:
         return
-    probs = lf.sub_(lse).exp_()
-    probs.scatter_add_(1, targets, torch.full_like(lse, -1.0))
-    probs.mul_(scale.unsqueeze(1))
+    # d logits = (softmax - onehot) * scale: exp / total * scale, then -scale at the target.
+    probs = lf.mul_(scale.unsqueeze(1) / total)
+    probs.scatter_add_(1, targets, -scale.unsqueeze(1))
     if probs.data_ptr() != logits.data_ptr():
         logits.copy_(probs)
 
