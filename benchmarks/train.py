@@ -1,11 +1,19 @@
-"""Training throughput and model FLOPs utilisation (MFU) of whole models on this machine.
+"""Training throughput, MFU, profile shares and peak memory of whole models, side by side with a nanoGPT-style step.
 
 Runs full optimizer steps (forward, backward, clip, AdamW) exactly as ``sparselm train`` does, on random tokens
-(throughput does not depend on the text), and reports tokens/s and MFU against the matmul peak measured here at the
-same thread count and dtype. Configs: the default MoE and its dense base (configs/default.toml, configs/dense.toml)
-and a d_model 512, 8-layer, 512-context dense model (nanoGPT's shape; the reference this project has to beat).
+(throughput does not depend on the text). Configs: the default MoE and its dense base (configs/default.toml,
+configs/dense.toml) and a dense model of nanoGPT's shape (d_model 512, 8 layers, 8 heads, context 512, vocabulary
+32k, batch 8; ``--shape`` changes it), next to ``nanogpt_baseline.py``'s GPT of the same shape, batch and precision.
 
-    python benchmarks/train.py [--json] [--quick] [--write-docs]
+All models of one precision are built in one process and timed in interleaved rounds (A, B, C, D, A, B, ...) after
+a warm-up, so load from other processes hits each alike; every ratio is the median of the per-round ratios, with its
+range. MFU = tokens/s x training FLOPs per token / the bf16 or fp32 matmul rate measured here (2048^2, same thread
+count; the best of a measurement before and after the rounds); FLOPs count 6 per matmul weight and attention
+causally (half the square: ``6 * 2 * layers * context * d_model`` per token). One extra step per model runs under
+``torch.profiler``: the shares of its CPU time in matmuls, attention kernels, copies/casts and everything else.
+Peak memory = the largest resident-set growth over one timed step (Linux).
+
+    python benchmarks/train.py [--json] [--quick] [--compile] [--write-docs]
 """
 
 from __future__ import annotations
@@ -13,13 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from memory import peak_rss_mb, reset_peak_rss, rss_mb
+from moe_layer import cpu_name, wait_for_idle
+from nanogpt_baseline import training_step
 from sparselm.config import Config, apply_overrides, load_config
 from sparselm.parallel.runtime import Runtime
 from sparselm.params.counting import count_params, flops_per_token
@@ -29,27 +41,24 @@ from sparselm.train.trainer import build_model, forward_backward
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- train:start -->", "<!-- train:end -->"
-
-D512 = [
-    "model.vocab_size=32000",
-    "model.d_model=512",
-    "model.n_layers=8",
-    "model.n_heads=8",
-    "model.d_ff=1408",  # SwiGLU width giving the same FFN parameters as a 4x GELU FFN (2/3 * 4 * 512, rounded)
-    "model.max_seq_len=512",
-    "data.seq_len=512",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=8",
-]
-
-CASES = {
-    "default-moe": ("configs/default.toml", []),
-    "default-dense": ("configs/dense.toml", []),
-    "dense-d512-l8-ctx512": ("configs/dense.toml", D512),
-}
+NANOGPT = "nanoGPT-style"
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::to"}
 
 
-def bench_case(cfg: Config, steps: int, warmup: int) -> dict:
+@dataclass
+class Runner:
+    name: str
+    step: Callable[[], None]
+    tokens: int  # per step
+    train_flops: float  # per token, attention counted causally
+    total_params: int
+    active_params: int
+    times: list[float] = field(default_factory=list)  # ms
+    peak_mb: float = 0.0
+
+
+def sparselm_runner(name: str, cfg: Config) -> Runner:
     torch.manual_seed(0)
     runtime = Runtime(cfg, torch.device("cpu"))
     model = runtime.parallelize(build_model(cfg))
@@ -57,64 +66,181 @@ def bench_case(cfg: Config, steps: int, warmup: int) -> dict:
     optimizer, _ = runtime.build_optimizer(model)
     t = cfg.train
     micro = t.global_batch_size // t.micro_batch_size
-    times = []
-    for i in range(warmup + steps):
-        x = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, cfg.data.seq_len))
-        y = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, cfg.data.seq_len))
-        start = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    shape = (t.global_batch_size, cfg.data.seq_len)
+    x, y = (torch.randint(0, cfg.model.vocab_size, shape, generator=gen) for _ in "xy")
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         forward_backward(model, cfg, x, y, micro, runtime)
         runtime.reduce_and_clip_gradients(model, cfg.optim.grad_clip)
         optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    step_time = statistics.median(times)
-    tokens = t.global_batch_size * cfg.data.seq_len
-    return {"step_ms": step_time * 1e3, "tokens_per_sec": tokens / step_time}
+
+    fpt = flops_per_token(cfg, cfg.data.seq_len)
+    causal = fpt.train - 3 * fpt.breakdown["attention"] / 2  # sparselm.params counts the full square
+    counts = count_params(cfg)
+    return Runner(name, step, x.numel(), causal, counts.total, counts.active)
+
+
+def nanogpt_runner(name: str, cfg: Config, precision: str, compile: bool) -> Runner:
+    m, seq = cfg.model, cfg.data.seq_len
+    model, train_step = training_step(m.vocab_size, m.d_model, m.n_layers, m.n_heads, seq, precision, compile)
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, m.vocab_size, (cfg.train.global_batch_size, seq), generator=gen) for _ in "xy")
+    params = sum(p.numel() for p in model.parameters())
+    non_embedding_matmul = m.n_layers * 12 * m.d_model**2  # q/k/v/o 4 d^2, MLP 8 d^2
+    forward = 2 * (non_embedding_matmul + m.vocab_size * m.d_model) + 2 * m.n_layers * seq * m.d_model
+    return Runner(name, lambda: train_step(x, y), x.numel(), 3 * forward, params, params)
+
+
+def build(args: argparse.Namespace, precision: str) -> tuple[list[Runner], list[tuple[str, str]]]:
+    """The runners of one precision and the pairs (faster-hoped, reference) whose per-round ratios are reported:
+    the nanoGPT-shaped sparselm model against the nanoGPT-style step, the default MoE against its dense base."""
+    d, layers, ctx, vocab = args.shape
+    shape = [
+        f"model.vocab_size={vocab}",
+        f"model.d_model={d}",
+        f"model.n_layers={layers}",
+        f"model.n_heads={max(1, d // 64)}",
+        f"model.d_ff={round(8 * d / 3 / 64) * 64}",  # SwiGLU with the parameters of a 4x GELU FFN
+        f"model.max_seq_len={ctx}",
+        f"data.seq_len={ctx}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+    ]
+    known = {
+        "default-moe": ("configs/default.toml", []),
+        "default-dense": ("configs/dense.toml", []),
+        "shape": ("configs/dense.toml", shape),
+    }
+    chosen = args.cases.split(",")
+    runners, pairs = [], []
+    for case in chosen:
+        if case not in known:
+            raise SystemExit(f"unknown case {case!r}; choose from {', '.join(known)}")
+        path, overrides = known[case]
+        for compiled in [False, True] if args.compile else [False]:
+            extra = [f"train.precision={precision}", f"train.compile={str(compiled).lower()}"]
+            cfg = apply_overrides(load_config(REPO / path), [*overrides, *extra])
+            suffix = " (compiled)" if compiled else ""
+            name = (f"dense-d{d}-l{layers}-ctx{ctx}" if case == "shape" else case) + suffix
+            runners.append(sparselm_runner(name, cfg))
+            if case == "shape":
+                runners.append(nanogpt_runner(f"{NANOGPT} d{d}-l{layers}-ctx{ctx}{suffix}", cfg, precision, compiled))
+                pairs.append((name, runners[-1].name))
+            if case == "default-moe" and "default-dense" in chosen:
+                pairs.append((name, "default-dense" + suffix))
+    return runners, pairs
+
+
+def time_rounds(runners: list[Runner], rounds: int, warmup: int, wait: bool) -> None:
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    for _ in range(rounds):
+        for r in runners:
+            wait_for_idle(wait)
+            before = rss_mb()
+            reset_peak_rss()
+            start = time.perf_counter()
+            r.step()
+            r.times.append((time.perf_counter() - start) * 1e3)
+            r.peak_mb = max(r.peak_mb, peak_rss_mb() - before)
+
+
+def profile_shares(step: Callable[[], None]) -> dict[str, float]:
+    """Shares of one step's self CPU time: matmul, attention, copy (casts), other."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    kinds = {"matmul": 0.0, "attention": 0.0, "copy": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        if name in MATMUL_OPS:
+            kind = "matmul"
+        elif "scaled_dot_product" in name or "flash_attention" in name:
+            kind = "attention"
+        elif name in COPY_OPS:
+            kind = "copy"
+        else:
+            kind = "other"
+        kinds[kind] += event.self_cpu_time_total
+    total = sum(kinds.values()) or 1.0
+    return {k: v / total for k, v in kinds.items()}
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Median and range of per-round ratios num[i] / den[i] (same round: the same load on the machine)."""
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in wanted)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--quick", action="store_true", help="2 measured steps per case (a smoke run)")
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="1 warm-up step and 2 rounds (a smoke run)")
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default="default-moe,default-dense,shape", help="default-moe, default-dense, shape")
+    ap.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], default=[512, 8, 512, 32000],
+                    help="d_model,n_layers,context,vocab of the nanoGPT-shaped case")  # fmt: skip
+    ap.add_argument("--compile", action="store_true", help="add torch.compile rows (train.compile / torch.compile)")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for idle CPUs before each timed step")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled step")
     ap.add_argument(
         "--precisions", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively, else fp32)"
     )
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    steps, warmup = (2, 1) if args.quick else (args.steps, 2)
+    rounds, warmup = (2, 1) if args.quick else (args.rounds, 2)
     precisions, skipped = _precisions(args.precisions)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {p: measure_matmul_flops(dtypes[p], 2048, 2.0) for p in precisions}
-    rows = []
-    for name in args.cases.split(","):
-        if name not in CASES:
-            ap.error(f"unknown case {name!r}; choose from {', '.join(CASES)}")
-        path, overrides = CASES[name]
-        for precision in precisions:
-            cfg = apply_overrides(load_config(REPO / path), [*overrides, f"train.precision={precision}"])
-            result = bench_case(cfg, steps, warmup)
-            fpt = flops_per_token(cfg, cfg.data.seq_len).train
+    rows, ratios = [], []
+    for precision in precisions:
+        peak = measure_matmul_flops(dtypes[precision], 2048, 2.0)
+        runners, pairs = build(args, precision)
+        time_rounds(runners, rounds, warmup, not args.no_wait)
+        peak = max(peak, measure_matmul_flops(dtypes[precision], 2048, 2.0))
+        by_name = {r.name: r for r in runners}
+        for r in runners:
+            ms = statistics.median(r.times)
+            tps = r.tokens / (ms / 1e3)
             row = {
-                "config": name,
+                "config": r.name,
                 "precision": precision,
-                "total_params": count_params(cfg).total,
-                "active_params": count_params(cfg).active,
-                "train_flops_per_token": fpt,
-                **result,
-                "mfu": result["tokens_per_sec"] * fpt / peaks[precision],
-                "peak_gflops": peaks[precision] / 1e9,
+                "total_params": r.total_params,
+                "active_params": r.active_params,
+                "train_flops_per_token": r.train_flops,
+                "step_ms": ms,
+                "tokens_per_sec": tps,
+                "mfu": tps * r.train_flops / peak,
+                "peak_gflops": peak / 1e9,
+                "peak_rss_growth_mb": r.peak_mb,
+                "rounds": len(r.times),
             }
+            if not args.no_profile:
+                row["profile"] = profile_shares(r.step)
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
-    moe = {r["precision"]: r for r in rows if r["config"] == "default-moe"}
-    dense = {r["precision"]: r for r in rows if r["config"] == "default-dense"}
-    table = format_table(rows, moe, dense, args.threads)
+        for fast, slow in pairs:  # tokens per step are equal within a pair: ratio of step times of one round
+            stats = ratio_stats(by_name[slow].times, by_name[fast].times)
+            ratio = {"ratio": f"{fast} / {slow}", "precision": precision, "tokens_per_sec_ratio": stats}
+            ratios.append(ratio)
+            if args.json:
+                print(json.dumps(ratio), flush=True)
+        del runners, by_name
+    table = format_table(rows, ratios, args.threads)
     if skipped:
         table += f"\n\n{skipped}"
     if not args.json:
@@ -139,25 +265,31 @@ def _precisions(requested: str) -> tuple[list[str], str]:
     )
 
 
-def format_table(rows: list[dict], moe: dict, dense: dict, threads: int) -> str:
+def format_table(rows: list[dict], ratios: list[dict], threads: int) -> str:
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, 1-minute load average {os.getloadavg()[0]:.1f} "
-        "at the end (2 cores: a load above ~2 means other jobs shared the cores). MFU = tokens/s x training FLOPs "
-        "per token (6N + attention, `sparselm params`) / matmul peak measured at the same dtype and thread count.",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {cpu_name()} ({cpu_flags()}), "
+        f"{threads} threads, torch {torch.__version__}; 1-minute load average {os.getloadavg()[0]:.1f} at the end "
+        "(2 cores: above ~2 other jobs shared them). Median step of interleaved rounds; MFU against the matmul rate "
+        "measured here (`peak`), attention FLOPs counted causally; profile = shares of one step's CPU time in "
+        "matmul / attention / copies and casts / other; memory = resident-set growth over a step.",
         "",
-        "| config | precision | total params | active params | step ms | tokens/s | MFU | peak GFLOP/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| config | precision | params | step ms | tokens/s | MFU | peak GFLOP/s | profile mm/attn/copy/other "
+        "| memory MB |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
+        prof = r.get("profile")
+        shares = "/".join(f"{prof[k] * 100:.0f}" for k in ("matmul", "attention", "copy", "other")) if prof else "-"
         lines.append(
-            f"| {r['config']} | {r['precision']} | {r['total_params'] / 1e6:.1f}M | {r['active_params'] / 1e6:.1f}M "
-            f"| {r['step_ms']:.0f} | {r['tokens_per_sec']:.0f} | {r['mfu'] * 100:.1f}% | {r['peak_gflops']:.0f} |"
+            f"| {r['config']} | {r['precision']} | {r['total_params'] / 1e6:.1f}M | {r['step_ms']:,.0f} "
+            f"| {r['tokens_per_sec']:,.0f} | {r['mfu'] * 100:.1f}% | {r['peak_gflops']:.0f} | {shares} "
+            f"| {r['peak_rss_growth_mb']:,.0f} |"
         )
-    for p in moe:
-        if p in dense:
-            ratio = moe[p]["tokens_per_sec"] / dense[p]["tokens_per_sec"]
-            lines.append(f"\nMoE default / dense base tokens/s ({p}): {ratio:.2f}")
+    if ratios:
+        lines += ["", "| tokens/s ratio (per-round median, range) | precision | ratio |", "|---|---|---:|"]
+        for q in ratios:
+            s = q["tokens_per_sec_ratio"]
+            lines.append(f"| {q['ratio']} | {q['precision']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sparselm.precision import bf16_is_fast
@@ -28,12 +29,31 @@ def _run(script: str, *args: str) -> list[dict]:
 
 
 def test_training_benchmark_times_each_precision_this_cpu_runs_natively() -> None:
-    rows = _run("train.py", "--quick", "--cases", "default-moe")
+    """Every case next to its reference in one run: the default MoE against its dense base, the nanoGPT-shaped
+    model against the nanoGPT-style step (here at a tiny shape), with ratios, MFU, profile shares and memory."""
+    out = _run(
+        "train.py", "--quick", "--no-wait", "--cases", "default-moe,default-dense,shape", "--shape", "64,2,32,256"
+    )
+    rows = [r for r in out if "config" in r]
+    ratios = [r for r in out if "ratio" in r]
     expected = ["fp32", "bf16"] if bf16_is_fast(torch.device("cpu")) else ["fp32"]
-    assert [r["precision"] for r in rows] == expected
+    names = ["default-moe", "default-dense", "dense-d64-l2-ctx32", "nanoGPT-style d64-l2-ctx32"]
+    assert [(r["config"], r["precision"]) for r in rows] == [(n, p) for p in expected for n in names]
     for row in rows:
-        assert row["config"] == "default-moe" and row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1
-        assert row["active_params"] < row["total_params"]  # top-2 of 8 experts: most expert weights idle per token
+        assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1 and row["rounds"] == 2
+        assert sum(row["profile"].values()) == pytest.approx(1.0) and row["profile"]["matmul"] > 0
+    moe = next(r for r in rows if r["config"] == "default-moe")
+    assert moe["active_params"] < moe["total_params"]  # top-2 of 8 experts: most expert weights idle per token
+    nano = next(r for r in rows if r["config"].startswith("nanoGPT"))
+    assert nano["total_params"] == 256 * 64 + 32 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64  # GPT-2 layout
+    assert [(q["ratio"], q["precision"]) for q in ratios] == [
+        (pair, p)
+        for p in expected
+        for pair in ("default-moe / default-dense", "dense-d64-l2-ctx32 / nanoGPT-style d64-l2-ctx32")
+    ]
+    for q in ratios:
+        s = q["tokens_per_sec_ratio"]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
 
 
 def test_moe_layer_benchmark_smallest_setting() -> None:
