@@ -228,10 +228,12 @@ def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str
     med = {name: statistics.median(v) for name, v in times.items()}
     row["moe_ms"] = med["moe"]
     row["dense_ms"] = med["dense"]
-    row["moe_over_dense"] = med["moe"] / med["dense"]
+    # MoE and dense steps of one round ran back to back under the same load: the ratio is taken per round.
+    pairs = [m / d for m, d in zip(times["moe"], times["dense"], strict=True)]
+    row["moe_over_dense"] = statistics.median(pairs)
+    row["moe_over_dense_range"] = [min(pairs), max(pairs)]
     row["moe_ms_min"] = min(times["moe"])
     row["dense_ms_min"] = min(times["dense"])
-    row["moe_over_dense_min"] = row["moe_ms_min"] / row["dense_ms_min"]
     if "moe_grouped_mm" in med:
         row["moe_grouped_mm_ms"] = med["moe_grouped_mm"]
     hf_times = {}
@@ -240,10 +242,15 @@ def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str
             row[f"hf_ms_{impl}"] = hf_times[impl] = med[f"hf_{impl}"]
             if len(times[f"hf_{impl}"]) < args.repeats:
                 row[f"hf_runs_{impl}"] = len(times[f"hf_{impl}"])
-    if hf_times:
-        best = min(hf_times, key=hf_times.get)
+    # Like for like only: under autocast HF's grouped_mm casts the input to the fp32 weights and computes in fp32.
+    comparable = {impl: ms for impl, ms in hf_times.items() if not (dtype == "bf16" and impl == "grouped_mm")}
+    if comparable:
+        best = min(comparable, key=comparable.get)
         row["hf_best_impl"] = best
-        row["hf_over_ours"] = hf_times[best] / med["moe"]
+        hf_runs = times[f"hf_{best}"]  # timed once when slow: its one run paired with the first MoE run
+        row["hf_over_ours"] = statistics.median(
+            h / m for h, m in zip(hf_runs, times["moe"][: len(hf_runs)], strict=True)
+        )
     row["repeats"] = args.repeats
     row["load_avg_1m"] = os.getloadavg()[0]
     row["measured_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -288,12 +295,12 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         f" ({os.cpu_count()} CPUs), {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
         f"{_transformers_version()}. One layer, forward + backward, {args.tokens:,} tokens, d_model {args.d_model}, "
         f"expert d_ff {args.d_ff}; dense = SwiGLU FFN with d_ff = top_k x {args.d_ff} (equal matmul FLOPs). Median "
-        f"of {args.repeats} interleaved runs, ms. 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
+        f"of {args.repeats} interleaved runs, ms; ratios are medians of the per-round ratios (MoE and dense timed "
+        f"back to back), with their range. 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
         "(2 cores: anything above ~0.2 beyond this run is someone else's work).",
         "",
-        "| E | k | dtype | MoE ms | dense ms | MoE / dense | (of fastest runs) | HF eager ms | HF grouped_mm ms "
+        "| E | k | dtype | MoE ms | dense ms | MoE / dense | range | HF eager ms | HF grouped_mm ms "
         "| HF batched_mm ms | best HF / MoE |",
-        # "(of fastest runs)" = fastest MoE run / fastest dense run: less sensitive to other jobs than the medians.
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -301,7 +308,7 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         hf_ratio = f"{r['hf_over_ours']:.2f} ({r['hf_best_impl']})" if "hf_over_ours" in r else "-"
         lines.append(
             f"| {r['num_experts']} | {r['top_k']} | {r['dtype']} | {r['moe_ms']:,.0f} | {r['dense_ms']:,.0f} "
-            f"| {r['moe_over_dense']:.2f} | {r['moe_ms_min'] / r['dense_ms_min']:.2f} | {ms['hf_ms_eager']} "
+            f"| {r['moe_over_dense']:.2f} | {_range_cell(r)} | {ms['hf_ms_eager']} "
             f"| {ms['hf_ms_grouped_mm']} | {ms['hf_ms_batched_mm']} | {hf_ratio} |"
         )
     lines += [
@@ -312,8 +319,9 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         f"< 1e-4, checked on {args.check_tokens} tokens) before being timed. HF renormalises top-1 gates to 1; ours "
         "keep the router probability (Switch), which changes no FLOPs. Under autocast HF's `grouped_mm` "
         "implementation casts the input to the weights' dtype, so it computes in fp32: that is its behaviour, "
-        'not a setup error. "(of fastest runs)" = fastest MoE run / fastest dense run, which bursts of other jobs '
-        'on a shared machine disturb less than the medians. "(1 run)": the warm-up step took over '
+        "not a setup error, and it is left out of `best HF / MoE` in the `bf16` rows (not like for like; "
+        "`bf16-pure` is the like-for-like bf16 comparison). A ratio whose range includes 1.00 is no measurable "
+        'difference. "(1 run)": the warm-up step took over '
         f"{args.slow_s:.0f} s, so that implementation was timed once.",
     ]
     needs = [r["hf_batched_mm_gb"] for r in rows if r.get("hf_batched_mm_gb")]
@@ -341,6 +349,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _range_cell(row: dict) -> str:
+    if "moe_over_dense_range" not in row:  # rendered from an older --json run: fastest MoE / fastest dense
+        return f"({row['moe_ms_min'] / row['dense_ms_min']:.2f} of fastest)"
+    low, high = row["moe_over_dense_range"]
+    return f"{low:.2f}-{high:.2f}"
 
 
 def _ms_cell(row: dict, key: str) -> str:

@@ -116,3 +116,20 @@ def test_commit_comparison_runs_both_trees_side_by_side() -> None:
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| permute")]
     assert len(rows) == 2 and all(r[1] == "fp32" and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     assert "round 1/1 old done" in proc.stderr and "round 1/1 new done" in proc.stderr
+
+
+def test_moe_layer_benchmark_checks_hf_reproduces_our_layer() -> None:
+    """Hugging Face's Mixtral block with our router and expert weights must give our output (top-1 and top-2)
+    before it is timed; ratios are per-round medians with their range; under bf16 autocast HF's grouped_mm (which
+    computes in fp32) is not offered as the like-for-like comparison."""
+    dtypes = "fp32,bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
+    args = ["--experts", "8", "--top-k", "1,2", "--repeats", "2", "--tokens", "256", "--d-model", "64"]
+    args += ["--d-ff", "128", "--check-tokens", "128", "--hf-impls", "eager,grouped_mm", "--dtypes", dtypes]
+    rows = [r for r in _run("moe_layer.py", *args, "--no-wait") if "num_experts" in r]
+    assert len(rows) == 2 * len(dtypes.split(","))
+    for row in rows:
+        assert row["hf_max_rel_diff_fp32"] < 1e-4  # the benchmark refuses to time a block that differs
+        low, high = row["moe_over_dense_range"]
+        assert low <= row["moe_over_dense"] <= high and row["hf_over_ours"] > 0
+        if row["dtype"] == "bf16":
+            assert row["hf_best_impl"] == "eager"
