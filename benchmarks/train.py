@@ -76,10 +76,8 @@ def sparselm_runner(name: str, cfg: Config) -> Runner:
         runtime.reduce_and_clip_gradients(model, cfg.optim.grad_clip)
         optimizer.step()
 
-    fpt = flops_per_token(cfg, cfg.data.seq_len)
-    causal = fpt.train - 3 * fpt.breakdown["attention"] / 2  # sparselm.params counts the full square
     counts = count_params(cfg)
-    return Runner(name, step, x.numel(), causal, counts.total, counts.active)
+    return Runner(name, step, x.numel(), flops_per_token(cfg).train_causal, counts.total, counts.active)
 
 
 def nanogpt_runner(name: str, cfg: Config, precision: str, compile: bool) -> Runner:

@@ -249,6 +249,7 @@ def test_flops_hand_computed() -> None:
     assert sum(flops.breakdown.values()) == flops.forward
     assert flops.seq_len == 8
     assert flops_per_token(cfg, 4).forward == expected - 2 * 2 * 2 * 4 * 16
+    assert flops.train_causal == 3 * (expected - attention // 2)  # MFU's numerator: half the score square
 
 
 @pytest.mark.parametrize("name", ["gpt3-175b", "glam-64b-64e", "switch-c"])

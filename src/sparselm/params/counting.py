@@ -21,6 +21,8 @@ FLOP convention (PaLM appendix B / Chinchilla appendix F), per token:
   the attention work a causal kernel really does by up to 2x;
 - the router adds ``2 * num_experts * d_model`` per MoE layer;
 - training is 3x the forward (backward = 2x forward: gradients for activations and for weights).
+MFU (the trainer's metrics, ``benchmarks/train.py``) divides by the work a causal kernel does instead:
+``FlopCount.train_causal`` counts half the score square, ``2 * n_layers * seq_len * d_model`` per token forward.
 Transformer-XL attention (``position = "xl"``) is counted like the convention does for Gopher/Chinchilla: ``w_rel``
 is one more d x d matmul per token (it projects about ``seq_len`` distance embeddings per sequence), and the extra
 ``(q + v) . R`` score term is left out.
@@ -56,6 +58,11 @@ class FlopCount:
     inference: int  # per token, = forward (no KV-cache discount: a full forward over seq_len tokens)
     seq_len: int
     breakdown: dict[str, int] = field(default_factory=dict)  # forward FLOPs per component; sums to ``forward``
+
+    @property
+    def train_causal(self) -> int:
+        """``train`` with the attention scores and weighted sum counted causally (half the square): MFU's numerator."""
+        return self.train - 3 * self.breakdown.get("attention", 0) // 2
 
 
 def ffn_params(d_model: int, d_ff: int, kind: str, bias: bool) -> tuple[int, int]:

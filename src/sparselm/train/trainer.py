@@ -206,7 +206,7 @@ class _Run:
         self.logger = MetricsLogger(run_dir, cfg.logging.tensorboard) if runtime.is_main else _NullLogger()
         self.micro_steps = t.global_batch_size // (runtime.dp_size * t.micro_batch_size)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        self.train_flops = flops_per_token(cfg, cfg.data.seq_len).train
+        self.train_flops = flops_per_token(cfg, cfg.data.seq_len).train_causal  # MFU: causal attention
         self.num_moe = len(cfg.moe.layer_indices(cfg.model.n_layers))
         self.window = _Window(self.num_moe, cfg.moe.num_experts)
         self.train_seconds = 0.0  # wall time of training steps in this process (evaluation and checkpoints excluded)
