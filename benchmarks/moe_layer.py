@@ -13,7 +13,8 @@ Timing: ``torch.set_num_threads``, one warm-up step per model, then ``--repeats`
 reported. Gradients are set to None before each step, as ``optimizer.zero_grad()`` does. By default each timed step
 first waits (up to 20 s) for the CPUs to be idle, which only matters on a shared machine.
 
-    python benchmarks/moe_layer.py [--json] [--quick] [--experts 8,32,64,128] [--repeats N] [--write-docs]
+    python benchmarks/moe_layer.py [--json] [--quick] [--experts 8,32,64,128] [--tokens 8192,32768] [--repeats N]
+        [--write-docs]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from sparselm.config import MoEConfig
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
-from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
+from sparselm.precision import bf16_is_fast, cpu_speeds_sentence, measure_matmul_flops
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -170,9 +171,41 @@ def batched_mm_gb(tokens: int, top_k: int, hidden: int, d_ff: int, bytes_per: in
 # ----------------------------------------------------------------------------------------------------- a row
 
 
-def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str) -> dict:
+def measured_rates(dtype: str) -> tuple[float, float]:
+    """(matmul FLOP/s at this dtype, memory bandwidth in bytes/s) measured here, once per dtype per run."""
+    if dtype not in _RATES:
+        matmul_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        src, dst = torch.ones(1 << 26), torch.empty(1 << 26)  # 256 MB each: far beyond the caches
+        best = math.inf
+        for _ in range(5):
+            start = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - start)
+        _RATES[dtype] = (measure_matmul_flops(matmul_dtype, 2048, 1.0), 2 * src.numel() * 4 / best)
+    return _RATES[dtype]
+
+
+_RATES: dict[str, tuple[float, float]] = {}
+
+
+def roofline(tokens: int, d: int, f: int, top_k: int, experts: int, dtype: str) -> dict[str, float]:
+    """The least time one forward + backward of an FFN layer can take here: max(FLOPs / matmul rate, bytes / memory
+    bandwidth). FLOPs: 3 GEMMs of T*k x d x f, forward + 2x backward (the router is ignored). Bytes it must move:
+    all ``experts`` weights read in the forward and again in the backward (fp32 masters unless bf16-pure) and their
+    gradients written once; activations x, y, dy, dx (T x d) and the gate/up outputs (T*k x f) written forward,
+    read backward, in the compute dtype. ``experts=1, top_k=1, f=k*f`` is the dense FFN."""
+    peak, bandwidth = measured_rates(dtype)
+    weight_bytes = 2 if dtype == "bf16-pure" else 4
+    act_bytes = 4 if dtype == "fp32" else 2
+    flops = 3 * 2 * tokens * top_k * 3 * d * f
+    weights = 3 * experts * d * f
+    moved = weights * weight_bytes * 3 + (4 * tokens * d + 2 * 2 * tokens * top_k * f) * act_bytes
+    return {"ms": 1e3 * max(flops / peak, moved / bandwidth), "flops": flops, "bytes": moved}
+
+
+def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str, tokens: int) -> dict:
     torch.manual_seed(0)
-    d, f, tokens = args.d_model, args.d_ff, args.tokens
+    d, f = args.d_model, args.d_ff
     moe = MoE(d, f, MoEConfig(num_experts=num_experts, top_k=top_k))
     with torch.no_grad():
         for p in moe.experts.parameters():
@@ -251,6 +284,11 @@ def bench_row(args: argparse.Namespace, num_experts: int, top_k: int, dtype: str
         row["hf_over_ours"] = statistics.median(
             h / m for h, m in zip(hf_runs, times["moe"][: len(hf_runs)], strict=True)
         )
+    moe_roof = roofline(tokens, d, f, top_k, num_experts, dtype)
+    dense_roof = roofline(tokens, d, top_k * f, 1, 1, dtype)
+    row["roofline"] = {"moe_ms": moe_roof["ms"], "dense_ms": dense_roof["ms"], "moe_bytes": moe_roof["bytes"]}
+    row["roofline"] |= {"dense_bytes": dense_roof["bytes"], "flops": moe_roof["flops"]}
+    row["roofline"] |= dict(zip(("matmul_flops_per_s", "bytes_per_s"), measured_rates(dtype), strict=True))
     row["repeats"] = args.repeats
     row["load_avg_1m"] = os.getloadavg()[0]
     row["measured_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -293,22 +331,24 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
     lines = [
         f"Measured {when} UTC on {cpu_name()}"
         f" ({os.cpu_count()} CPUs), {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
-        f"{_transformers_version()}. One layer, forward + backward, {args.tokens:,} tokens, d_model {args.d_model}, "
+        f"{_transformers_version()}. One layer, forward + backward, {_tokens_text(rows)} tokens, "
+        f"d_model {args.d_model}, "
         f"expert d_ff {args.d_ff}; dense = SwiGLU FFN with d_ff = top_k x {args.d_ff} (equal matmul FLOPs). Median "
         f"of {args.repeats} interleaved runs, ms; ratios are medians of the per-round ratios (MoE and dense timed "
         f"back to back), with their range. 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
         "(2 cores: anything above ~0.2 beyond this run is someone else's work).",
         "",
-        "| E | k | dtype | MoE ms | dense ms | MoE / dense | range | HF eager ms | HF grouped_mm ms "
-        "| HF batched_mm ms | best HF / MoE |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | E | k | dtype | MoE ms | dense ms | MoE / dense | range | MoE / roofline | dense / roofline "
+        "| HF eager ms | HF grouped_mm ms | HF batched_mm ms | best HF / MoE |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ms = {key: _ms_cell(r, key) for key in ("hf_ms_eager", "hf_ms_grouped_mm", "hf_ms_batched_mm")}
         hf_ratio = f"{r['hf_over_ours']:.2f} ({r['hf_best_impl']})" if "hf_over_ours" in r else "-"
         lines.append(
-            f"| {r['num_experts']} | {r['top_k']} | {r['dtype']} | {r['moe_ms']:,.0f} | {r['dense_ms']:,.0f} "
-            f"| {r['moe_over_dense']:.2f} | {_range_cell(r)} | {ms['hf_ms_eager']} "
+            f"| {r['tokens']:,} | {r['num_experts']} | {r['top_k']} | {r['dtype']} | {r['moe_ms']:,.0f} "
+            f"| {r['dense_ms']:,.0f} | {r['moe_over_dense']:.2f} | {_range_cell(r)} | {_roof_cell(r, 'moe')} "
+            f"| {_roof_cell(r, 'dense')} | {ms['hf_ms_eager']} "
             f"| {ms['hf_ms_grouped_mm']} | {ms['hf_ms_batched_mm']} | {hf_ratio} |"
         )
     lines += [
@@ -323,6 +363,11 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         "`bf16-pure` is the like-for-like bf16 comparison). A ratio whose range includes 1.00 is no measurable "
         'difference. "(1 run)": the warm-up step took over '
         f"{args.slow_s:.0f} s, so that implementation was timed once.",
+        "",
+        "Roofline = max(FLOPs / matmul rate, bytes / memory bandwidth), both measured here in the same run (2048^2 "
+        "matmul at the row's dtype; a 256 MB copy): FLOPs of the 3 GEMMs forward + backward; bytes = every expert's "
+        "weights read forward and backward and its gradient written (fp32 unless bf16-pure) plus the activations. "
+        "`MoE / roofline` near 1 = the layer runs as fast as this CPU allows; far above 1 = overhead to remove.",
     ]
     needs = [r["hf_batched_mm_gb"] for r in rows if r.get("hf_batched_mm_gb")]
     if needs:
@@ -349,6 +394,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _roof_cell(row: dict, kind: str) -> str:
+    roof = row.get("roofline")
+    return f"{row[kind + '_ms'] / roof[kind + '_ms']:.2f}" if roof else "-"
+
+
+def _tokens_text(rows: list[dict]) -> str:
+    return "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in rows}))
 
 
 def _range_cell(row: dict) -> str:
@@ -407,7 +461,7 @@ def render_saved(args: argparse.Namespace) -> None:
                 probes.append(item["batched_mm_probe"])
             else:
                 rows.append(item)
-    args.repeats, args.tokens, args.d_model = rows[0]["repeats"], rows[0]["tokens"], rows[0]["d_model"]
+    args.repeats, args.d_model = rows[0]["repeats"], rows[0]["d_model"]
     args.d_ff = rows[0]["d_ff_expert"]
     table = format_table(rows, probes, args, (rows[0]["load_avg_1m"], rows[-1]["load_avg_1m"]))
     print(table)
@@ -428,7 +482,7 @@ def main() -> None:
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", default="8192", help="tokens per step; a list (8192,32768,131072) sweeps them")
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--hf-impls", default=",".join(HF_IMPLS), help="HF expert implementations; empty: skip HF")
@@ -468,19 +522,21 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     rows = []
-    for num_experts in (int(e) for e in args.experts.split(",")):
-        for top_k in (int(k) for k in args.top_k.split(",")):
-            for dtype in dtypes:
-                row = bench_row(args, num_experts, top_k, dtype)
-                rows.append(row)
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    print(
-                        f"E={num_experts} k={top_k} {dtype}: MoE {row['moe_ms']:.0f} ms, dense {row['dense_ms']:.0f} ms"
-                        f" ({row['moe_over_dense']:.2f}x), best HF / MoE {row.get('hf_over_ours', math.nan):.2f}",
-                        flush=True,
-                    )
+    for tokens in (int(t) for t in str(args.tokens).split(",")):
+        for num_experts in (int(e) for e in args.experts.split(",")):
+            for top_k in (int(k) for k in args.top_k.split(",")):
+                for dtype in dtypes:
+                    row = bench_row(args, num_experts, top_k, dtype, tokens)
+                    rows.append(row)
+                    if args.json:
+                        print(json.dumps(row), flush=True)
+                    else:
+                        print(
+                            f"T={tokens} E={num_experts} k={top_k} {dtype}: MoE {row['moe_ms']:.0f} ms, dense "
+                            f"{row['dense_ms']:.0f} ms ({row['moe_over_dense']:.2f}x), best HF / MoE "
+                            f"{row.get('hf_over_ours', math.nan):.2f}",
+                            flush=True,
+                        )
     last_k = int(args.top_k.split(",")[-1])
     probes = [p for p in [batched_mm_probe(args, last_k)] if p is not None]
     for p in probes:
