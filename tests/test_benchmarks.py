@@ -131,8 +131,10 @@ def test_moe_layer_benchmark_checks_hf_reproduces_our_layer() -> None:
         assert row["hf_max_rel_diff_fp32"] < 1e-4  # the benchmark refuses to time a block that differs
         low, high = row["moe_over_dense_range"]
         assert low <= row["moe_over_dense"] <= high and row["hf_over_ours"] > 0
-        roof = row["roofline"]  # max(FLOPs / matmul rate, bytes / bandwidth): a layer cannot beat it
-        assert 0 < roof["moe_ms"] < row["moe_ms"] and 0 < roof["dense_ms"] < row["dense_ms"]
+        # max(FLOPs / matmul rate, bytes / DRAM bandwidth); at this tiny size everything sits in cache, so the
+        # roofline is not a bound here, only present and computed from the layer's shape
+        roof = row["roofline"]
+        assert roof["moe_ms"] > 0 and roof["dense_ms"] > 0 and roof["flops"] == 18 * 256 * row["top_k"] * 64 * 128
         assert roof["moe_bytes"] > roof["dense_bytes"]  # 8 experts' weights against one FFN's
         if row["dtype"] == "bf16":
             assert row["hf_best_impl"] == "eager"
