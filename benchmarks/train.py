@@ -189,8 +189,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="default-moe,default-dense,shape", help="default-moe, default-dense, shape")
-    ap.add_argument("--shape", type=lambda s: [int(v) for v in s.split(",")], default=[512, 8, 512, 32000],
-                    help="d_model,n_layers,context,vocab of the nanoGPT-shaped case")  # fmt: skip
+    ap.add_argument("--shape", type=_shape, default=[512, 8, 512, 32000], help="d_model,n_layers,context,vocab")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (train.compile / torch.compile)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for idle CPUs before each timed step")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled step")
@@ -245,6 +244,18 @@ def main() -> None:
         print(table)
     if args.write_docs:
         write_docs(table)
+
+
+def _shape(text: str) -> list[int]:
+    """``--shape`` of the nanoGPT-shaped case: four positive integers d_model,n_layers,context,vocab."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or min(values) <= 0 or values[0] % 64:
+        want = "d_model,n_layers,context,vocab (positive, d_model a multiple of 64)"
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return values
 
 
 def _precisions(requested: str) -> tuple[list[str], str]:
