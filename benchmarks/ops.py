@@ -146,8 +146,9 @@ def format_table(rows: list[dict], args: argparse.Namespace, note: str) -> str:
             "",
             f"Output layer + loss at {args.ce_tokens:,} tokens, d_model {args.d_model}, vocabulary "
             f"{args.vocab:,}: peak memory of one step (resident-set growth, fresh process):",
+            "",
         ]
-        lines += [f"{r['op']} ({r['dtype']}): {r['peak_mb']:,.0f} MB" for r in ce]
+        lines += [f"- {r['op']} ({r['dtype']}): {r['peak_mb']:,.0f} MB" for r in ce]
     if note:
         lines += ["", note]
     return "\n".join(lines)
