@@ -167,12 +167,13 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
         logits, loss = None, None
         if targets is None:
-            logits = F.linear(x, head)
+            logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
         else:
-            # = F.cross_entropy(F.linear(x, head).float(), targets), in chunks of rows (no [tokens, vocab] tensors).
+            # = F.cross_entropy(F.linear(x, head).float(), targets), in chunks of rows (no [tokens, vocab] tensors);
+            # it reads the head's weight directly, so module hooks on lm_head see only the no-targets path.
+            head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
             loss = linear_cross_entropy(x.flatten(0, 1), head, targets.flatten(), ignore_index=-100)
         zero = torch.zeros((), device=idx.device)
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
