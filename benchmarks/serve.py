@@ -225,29 +225,34 @@ def soak(server: Server, ids: list[int], eod: int, count: int, concurrency: int)
         elif i % 10 == 3:
             r.stream, r.cancel_after = True, rng.randint(2, 20)
     warm = count // 10
-    asyncio.run(run_load(server.base, requests[:warm], "bench", concurrency=concurrency))
-    rss_start = server.rss_mb()
-    results, seconds = asyncio.run(
-        run_load(server.base, requests[warm:], "bench", concurrency=concurrency, timeout=3600)
-    )
+    half = warm + (count - warm) // 2
+    results, _ = asyncio.run(run_load(server.base, requests[:warm], "bench", concurrency=concurrency))
+    rss = [server.rss_mb()]
+    seconds = 0.0
+    for part in (requests[warm:half], requests[half:]):  # RSS after each half: still growing, or flat?
+        done, took = asyncio.run(run_load(server.base, part, "bench", concurrency=concurrency, timeout=3600))
+        results += done
+        seconds += took
+        rss.append(server.rss_mb())
     time.sleep(1.0)  # aborted requests are freed at the start of the next step; the engine idles after
     m = server.metrics()
-    well_formed = [
-        r for r, q in zip(results, requests[warm:], strict=True) if q.malformed is None and q.cancel_after is None
-    ]
+    pairs = list(zip(results, requests, strict=True))  # the warm-up's requests count too: it is the same traffic
+    well_formed = [r for r, q in pairs if q.malformed is None and q.cancel_after is None]
     return {
         "requests": count,
-        "seconds": seconds + 0.0,
+        "seconds": seconds,
         "well_formed_completed": sum(r.ok for r in well_formed),
         "well_formed": len(well_formed),
         "cancelled": sum(q.cancel_after is not None for q in requests),
         "malformed": sum(q.malformed is not None for q in requests),
-        "malformed_answered_4xx": sum(r.ok for r in results if r.malformed),
+        "malformed_answered_4xx": sum(r.ok for r, q in pairs if q.malformed is not None),
+        "malformed_statuses": sorted({r.status for r, q in pairs if q.malformed is not None}),
         "errors": [r.error for r in results if r.error][:3],
         "kv_blocks_used_after": m.get("sparselm_kv_cache_blocks_used", -1),
         "running_after": m.get("sparselm_num_requests_running", -1),
         "aborted": m.get('sparselm_request_finished_total{reason="abort"}', 0),
-        "rss_start_mb": rss_start,
+        "rss_start_mb": rss[0],
+        "rss_mid_mb": rss[1],
         "rss_end_mb": server.rss_mb(),
     }
 

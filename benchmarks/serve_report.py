@@ -150,15 +150,18 @@ def _breakdown(parts: dict) -> list[str]:
 
 def _soak(s: dict) -> list[str]:
     growth = (s["rss_end_mb"] / s["rss_start_mb"] - 1) * 100 if s["rss_start_mb"] else float("nan")
+    mid = f"{s['rss_mid_mb']:.0f}" if "rss_mid_mb" in s else "?"
+    mal = "statuses " + (", ".join(str(c) for c in s.get("malformed_statuses", [])) or "?")
     return [
         "",
         f"Soak: {s['requests']} requests at concurrency 16 (half streaming, {s['cancelled']} cancelled mid-stream, "
-        f"{s['malformed']} malformed) in {s['seconds']:.0f} s after a warm-up tenth: {s['well_formed_completed']} of "
-        f"{s['well_formed']} well-formed requests completed, {s['malformed_answered_4xx']} malformed ones answered "
-        f"with a 4xx error, {s['aborted']:.0f} sequences aborted; afterwards {s['kv_blocks_used_after']:.0f} KV blocks "
-        f"in use and {s['running_after']:.0f} running; server RSS {s['rss_start_mb']:.0f} -> {s['rss_end_mb']:.0f} MB "
-        f"({growth:+.1f}%, target < 5%); exit status after SIGTERM {s.get('exit_code')}."
-        + (f" Client errors: {s['errors']}." if s["errors"] else ""),
+        f"{s['malformed']} malformed; a warm-up tenth first, then two halves) in {s['seconds']:.0f} s: "
+        f"{s['well_formed_completed']} of {s['well_formed']} well-formed requests completed, "
+        f"{s['malformed_answered_4xx']} of {s['malformed']} malformed ones answered with a 4xx error "
+        f"({mal}), {s['aborted']:.0f} sequences aborted; afterwards {s['kv_blocks_used_after']:.0f} KV blocks "
+        f"in use and {s['running_after']:.0f} running; server RSS after the warm-up, each half: "
+        f"{s['rss_start_mb']:.0f} -> {mid} -> {s['rss_end_mb']:.0f} MB ({growth:+.1f}%, target < 5%); "
+        f"exit status after SIGTERM {s.get('exit_code')}." + (f" Client errors: {s['errors']}." if s["errors"] else ""),
     ]
 
 
