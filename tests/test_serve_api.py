@@ -5,6 +5,7 @@ whole responses, so streaming, cancellation and shutdown could not be tested thr
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -375,3 +376,13 @@ def test_unusable_checkpoints_fail_with_one_line(tmp_path, ckpt, capsys) -> None
     failed = subprocess.run([sys.executable, "-m", "sparselm", "serve", "--ckpt", str(broken), "--port", port],
                             capture_output=True, text=True, timeout=180)  # fmt: skip
     assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1].startswith("sparselm: error:")
+
+
+def test_kernel_caches_are_capped_unless_the_environment_sets_them(monkeypatch) -> None:
+    from sparselm.serve.command import KERNEL_CACHE_ENV, bound_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENV["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -94,6 +95,19 @@ def build(args: argparse.Namespace):
     return config, ServerState(config)
 
 
+# oneDNN, which computes bf16 matmuls on CPU, keeps a compiled kernel for every distinct operand shape in two LRU
+# caches (its own and PyTorch's ideep one), 1,024 entries each by default, about 0.3 MB per entry. A server's steps
+# have ever-new shapes (the batch's token count, each expert's row count), so those caches grew the server by half a
+# gigabyte before they filled; capped here, they stop at a few tens of MB (docs/benchmarks.md, serving notes).
+KERNEL_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
+
+
+def bound_kernel_caches() -> None:
+    """Cap oneDNN's kernel caches unless the environment already sets them (both are read at the first matmul)."""
+    for name, value in KERNEL_CACHE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -103,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise InputError(f"sparselm serve needs {', '.join(missing)}: pip install 'sparselm[serve]'")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bound_kernel_caches()
     config, state = build(args)
     import uvicorn
 
