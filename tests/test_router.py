@@ -162,3 +162,20 @@ def test_router_gradients_reach_weight_from_gates_and_losses() -> None:
     out = router(torch.tensor(LOGITS))
     (out.weights[:, 0].sum() + out.aux_loss + out.z_loss).backward()
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+
+
+def test_straight_through_top1_gate_is_one_with_the_probabilitys_gradient() -> None:
+    """top1_gate="straight_through": the expert's output is not scaled by a probability near 1/E, and the router gets
+    the same task gradient as with Switch's probability gate."""
+    x = torch.tensor(LOGITS)
+    switch = identity_router(1).train()
+    straight = identity_router(1).train()
+    straight.top1_gate = "straight_through"
+    upstream = torch.tensor([[0.3], [-1.2], [0.7]])
+    raw, out = switch(x), straight(x)
+    torch.testing.assert_close(out.weights, torch.ones(3, 1))
+    assert (raw.weights < 1).all()
+    (g_switch,) = torch.autograd.grad((raw.weights * upstream).sum(), [switch.weight])
+    (g_straight,) = torch.autograd.grad((out.weights * upstream).sum(), [straight.weight])
+    assert g_switch.abs().sum() > 0
+    torch.testing.assert_close(g_straight, g_switch)

@@ -28,6 +28,10 @@ FFN = Literal["swiglu", "gelu"]
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS = config_loader.choices(Precision)
 DType = Literal["fp32", "bf16"]
+# probability: the chosen expert's output times its router probability (Switch) | straight_through: times 1, with the
+# probability's gradient, so the router still learns from the task loss
+Top1Gate = Literal["probability", "straight_through"]
+LayerLosses = Literal["mean", "sum"]  # mean over MoE layers | sum (Switch, GShard, GLaM)
 
 
 @dataclass
@@ -54,6 +58,15 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
+    """The seed systems' recipes (what each choice cost in training is measured in docs/moe-recipes.md):
+
+    - Switch: ``top_k = 1``, experts as wide as the dense FFN, ``top1_gate = "probability"``.
+    - GShard / GLaM: ``top_k = 2``, gates renormalised; half-width experts spend the dense FFN's FLOPs.
+    - DeepSpeed-MoE Residual-MoE: ``top_k = 1`` with ``shared_expert``.
+    - All three add every MoE layer's balancing and z-losses (``layer_losses = "sum"``). The default, ``"mean"``,
+      averages them, so a coefficient acts as coefficient / number of MoE layers on each layer.
+    """
+
     num_experts: int = 0  # 0 means a dense model
     top_k: int = 2  # 1: Switch / DeepSpeed-MoE, 2: GLaM / GShard
     moe_every: int = 2  # every moe_every-th layer (1-based) gets an MoE FFN; 2 = every other layer (GLaM)
@@ -61,10 +74,12 @@ class MoEConfig:
     dropless: bool = True  # False: capacity_factor bounds tokens per expert and overflow tokens are dropped
     capacity_factor: float = 1.25  # used only when dropless is False (training)
     eval_capacity_factor: float = 2.0  # used only when dropless is False (eval / generation)
-    renormalize: bool = True  # renormalise the top-k gate weights to sum to one
+    renormalize: bool = True  # renormalise the top-k gate weights to sum to one (top_k > 1)
+    top1_gate: Top1Gate = "probability"  # what scales a top-1 expert's output
     jitter: float = 0.0  # multiplicative uniform noise on router inputs during training (Switch), 0 = off
     aux_loss_coef: float = 0.01  # Switch load-balancing loss coefficient
     z_loss_coef: float = 0.001  # router z-loss coefficient (ST-MoE)
+    layer_losses: LayerLosses = "mean"  # how the MoE layers' balancing and z-losses combine
     shared_expert: bool = False  # Residual-MoE: a dense FFN in parallel with the routed experts
     router_init_std: float = 0.02
     expert_init_scale: float = 1.0  # multiple of the dense init for expert weights (Switch: smaller is stabler)

@@ -98,7 +98,9 @@ class MoE(nn.Module):
         self.dropless = cfg.dropless
         self.capacity_factor = cfg.capacity_factor
         self.eval_capacity_factor = cfg.eval_capacity_factor
-        self.router = Router(d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.jitter, cfg.router_init_std)
+        self.router = Router(
+            d_model, cfg.num_experts, cfg.top_k, cfg.renormalize, cfg.jitter, cfg.router_init_std, cfg.top1_gate
+        )
         self.experts = Experts(cfg.num_experts, d_model, d_ff, kind, bias)
         self.shared = FeedForward(d_model, d_ff, kind, bias) if cfg.shared_expert else None
 

@@ -49,6 +49,7 @@ class Router(nn.Module):
         renormalize: bool = True,
         jitter: float = 0.0,
         init_std: float = 0.02,
+        top1_gate: str = "probability",
     ) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -56,6 +57,7 @@ class Router(nn.Module):
         self.renormalize = renormalize
         self.jitter = jitter
         self.init_std = init_std
+        self.top1_gate = top1_gate
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.reset_parameters()
 
@@ -74,6 +76,9 @@ class Router(nn.Module):
             weights, experts = torch.topk(probs, self.top_k, dim=-1)
             if self.renormalize and self.top_k > 1:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            elif self.top_k == 1 and self.top1_gate == "straight_through":
+                # Value 1 (the expert is not scaled by a probability near 1/E at init), gradient the probability's.
+                weights = weights + (1.0 - weights).detach()
             aux = load_balancing_loss(probs, experts, self.num_experts)
             z = router_z_loss(logits)
         tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.num_experts)

@@ -27,8 +27,8 @@ from sparselm.ops import linear_cross_entropy
 class ModelOutput:
     logits: torch.Tensor | None  # None when targets were given: the loss is computed without them
     loss: torch.Tensor | None  # mean next-token cross-entropy over targets != -100
-    aux_loss: torch.Tensor  # mean Switch load-balancing loss over MoE layers (0 for a dense model)
-    z_loss: torch.Tensor  # mean router z-loss over MoE layers (0 for a dense model)
+    aux_loss: torch.Tensor  # Switch load-balancing loss, mean or sum over MoE layers (moe.layer_losses; 0 if dense)
+    z_loss: torch.Tensor  # router z-loss, mean or sum over MoE layers (0 for a dense model)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one entry per MoE layer, in depth order
 
 
@@ -176,8 +176,11 @@ class Transformer(nn.Module):
             head = self.lm_head.weight if self.lm_head is not None else self.tok_emb.weight
             loss = linear_cross_entropy(x.flatten(0, 1), head, targets.flatten(), ignore_index=-100)
         zero = torch.zeros((), device=idx.device)
-        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
-        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        if stats:
+            reduce = torch.sum if self.moe_cfg.layer_losses == "sum" else torch.mean
+            aux, z = reduce(torch.stack([s.aux_loss for s in stats])), reduce(torch.stack([s.z_loss for s in stats]))
+        else:
+            aux = z = zero
         return ModelOutput(logits, loss, aux, z, stats)
 
     def _attention_inputs(self, positions, valid, cache: AttentionCache | None) -> dict:
