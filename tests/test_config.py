@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_load() -> None:
-    for path in sorted((REPO / "configs").glob("*.toml")):
+    for path in sorted([*(REPO / "configs").glob("*.toml"), *(REPO / "configs" / "study").glob("*.toml")]):
         cfg = load_config(path)
         assert cfg.model.d_model % cfg.model.n_heads == 0
 
