@@ -12,8 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-from sparselm.config import PRECISIONS
-
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="TOML config file (see configs/)")
@@ -185,55 +183,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def cmd_experiment(args: argparse.Namespace) -> int:
-    import shlex
-
-    from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
-
-    data = [Path(p) for p in args.data]
-    if not data:
-        from sparselm.corpus import default_corpus_files
-
-        data = default_corpus_files()
-        print(f"no --data given: using the embedded default corpus ({len(data)} books)", file=sys.stderr)
-    # --quick must finish within 10 minutes: with an 8-minute budget it took 9.5 on a 2-core AVX2-only EPYC (fp32),
-    # the planner's estimate from a few timed steps running ~15% short.
-    opts = ExperimentOptions(
-        data=data,
-        out=Path(args.out),
-        report=Path(args.report) if args.report else None,
-        budget_minutes=args.budget_minutes if args.budget_minutes else (7.0 if args.quick else 70.0),
-        quick=args.quick,
-        steps=args.steps,
-        experts=args.experts,
-        top_ks=args.top_k,
-        vocab_size=args.vocab_size if args.vocab_size else 2048,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        val_fraction=args.val_fraction,
-        eval_batches=args.eval_batches if args.eval_batches else (4 if args.quick else 8),
-        tasks=tuple(t for t in args.tasks.split(",") if t.strip()),
-        eval_limit=args.eval_limit if args.eval_limit is not None else (100 if args.quick else 500),
-        eval_data_dir=Path(args.eval_data_dir) if args.eval_data_dir else None,
-        moe_overrides=args.moe_set,
-        variants=args.variant,
-        threads=args.threads,
-        precision=args.precision,
-        command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    results = run_experiment(opts)
-    print(f"wrote {results['report']} (data and runs in {opts.out})")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparselm", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -323,58 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
 
+    from sparselm.experiment.command import add_arguments as add_experiment_arguments  # argparse only
+
     exp = verbs.add_parser("experiment", help="reproducible experiments").add_subparsers(dest="name", required=True)
-    p = exp.add_parser(
-        "moe-vs-dense",
-        help="dense S/M/L vs S+MoE-E trained on the same tokens: loss vs FLOPs, compute-saving factor, report",
-    )
-    p.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        help="text/JSONL file or directory (repeatable; default: the embedded corpus)",
-    )
-    p.add_argument("--out", default="runs/moe-vs-dense", help="experiment directory (data, runs, results.json)")
-    p.add_argument("--report", help="report path (default OUT/moe-vs-dense.md; plots go to a folder beside it)")
-    p.add_argument(
-        "--budget-minutes", type=float, default=0, help="wall-time budget in minutes (default 70, --quick 7)"
-    )
-    p.add_argument("--quick", action="store_true", help="smaller models and budget: checks the whole pipeline")
-    p.add_argument("--steps", type=int, default=0, help="training steps per run (default: chosen from the budget)")
-    p.add_argument("--experts", type=_int_list, default=(4, 16, 64), help="numbers of experts (default 4,16,64)")
-    p.add_argument("--top-k", type=_int_list, default=(1, 2), help="1 and/or 2 (default 1,2)")
-    p.add_argument("--vocab-size", type=int, default=0, help="tokenizer vocabulary (default 2048)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out for validation")
-    p.add_argument("--eval-batches", type=int, default=0, help="validation batches per point (default 8)")
-    p.add_argument("--tasks", default="lambada,piqa,boolq,arc_easy,winogrande", help="zero-shot tasks ('' = none)")
-    p.add_argument("--eval-limit", type=int, default=None, help="examples per task (default 500, --quick 100)")
-    p.add_argument("--eval-data-dir", help="evaluation data (default $SPARSELM_EVAL_DATA or ../shared/data)")
-    p.add_argument(
-        "--moe-set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="change the MoE recipe of every MoE run, e.g. --moe-set moe.aux_loss_coef=0.1",
-    )
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="BASE:SECTION.KEY=VALUE[,...]",
-        help="also train a copy of run BASE (e.g. s-moe64-top1) with changed settings, same tokens and steps "
-        "unless train.max_steps is set (repeatable; rerun an existing --out to add variants to a finished experiment)",
-    )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="compute precision of every run (default auto: bf16 where this machine computes it natively, else fp32)",
-    )
-    p.set_defaults(func=cmd_experiment)
+    add_experiment_arguments(exp)
 
     from sparselm.plan.command import add_arguments as add_plan_arguments  # argparse only: keeps --help instant
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sparselm.errors import InputError
+
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 
@@ -107,7 +109,7 @@ def prepare_dataset(
     if (shards / "meta.json").is_file() and recipe_path.is_file():
         built = json.loads(recipe_path.read_text())
         if built != recipe:
-            raise ValueError(
+            raise InputError(
                 f"{out_dir} holds a dataset built with different settings ({built}); use another --out or delete it"
             )
         return shards

@@ -1,9 +1,11 @@
-"""The models of the MoE-vs-dense experiment: a dense family S, M (~4x S's FLOPs), L (~16x), and S+MoE-E variants.
+"""The models of the MoE-vs-dense experiment: candidate regimes, their dense sizes, the seeds' MoE recipes, and the
+runs (model x budget x seed) that the experiment trains.
 
-Dense sizes follow one recipe: width and depth grow together (d_model doubles, one more layer), SwiGLU with
-d_ff = 3 x d_model, head dimension 32 or 64, RoPE, RMSNorm, tied embeddings. The MoE models are S with every other
-FFN (layers 2, 4, ...) replaced by E routed experts (DeepSpeed-MoE / GLaM placement). Top-1 experts have S's FFN
-width and top-2 experts half of it, so every MoE model spends S's matmul FLOPs per token; only the router is extra.
+A **regime** fixes everything but the model: context, batch, vocabulary (the experiment's), which FFNs become MoE,
+and dense sizes XS < S < M of one width-and-depth recipe (SwiGLU, RoPE, RMSNorm, tied embeddings). S is the model
+every MoE run is built on. A **recipe** is one seed system's MoE, always spending S's FFN FLOPs per token so that
+only the router is extra: Switch (top-1, experts as wide as S's FFN), GShard/GLaM (top-2 of half-width experts,
+gates renormalised) and DeepSpeed-MoE (top-1 of half-width experts plus a half-width shared expert, Residual-MoE).
 """
 
 from __future__ import annotations
@@ -11,20 +13,121 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from sparselm.config import Config, validate
+from sparselm.config import Config, apply_overrides, validate
 from sparselm.params.counting import count_params, flops_per_token
 
-# name -> (d_model, n_layers, n_heads, peak learning rate). Smaller models take a larger learning rate, as in the
-# GPT-3 / Gopher tables; the MoE models use S's.
-DENSE_SIZES = {
-    "S": (128, 4, 4, 3e-3),
-    "M": (256, 5, 4, 2e-3),  # 3.95x S's training FLOPs per token at vocabulary 2,048
-    "L": (512, 6, 8, 1e-3),  # 16.8x
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    lr: float  # peak learning rate; smaller models take a larger one (GPT-3 / Gopher tables)
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    about: str  # one line for the report: what this regime changes
+    seq_len: int
+    batch_size: int
+    moe_every: int  # 1: every FFN is an MoE; 2: every other one (GLaM / DeepSpeed-MoE placement)
+    experts: int  # E of the recipe comparison
+    sizes: dict[str, Shape]  # dense frontier sizes, smallest first; "S" is the MoE base
+
+
+# The search's candidates (issue 20: the committed family's replaced FFNs were 21% of dense-S's FLOPs).
+REGIMES = {
+    r.name: r
+    for r in (
+        Regime(
+            "deep-ctx256",
+            "the previous family's S: 4 layers, FFN 3x d_model, MoE in every other layer, context 256",
+            seq_len=256,
+            batch_size=16,
+            moe_every=2,
+            experts=16,
+            sizes={
+                "XS": Shape(96, 3, 3, 288, 3e-3),
+                "S": Shape(128, 4, 4, 384, 3e-3),
+                "M": Shape(192, 5, 6, 576, 2e-3),
+            },
+        ),
+        Regime(
+            "ffn-ctx128",
+            "FFN-dominated: 2 layers, FFN 4x d_model, MoE in every layer, context 128",
+            seq_len=128,
+            batch_size=32,
+            moe_every=1,
+            experts=16,
+            sizes={
+                "XS": Shape(128, 2, 4, 512, 3e-3),
+                "S": Shape(192, 2, 6, 768, 2e-3),
+                "M": Shape(256, 3, 4, 1024, 2e-3),
+            },
+        ),
+        Regime(
+            "wide-ffn-ctx128",
+            "wider FFN: 2 layers, FFN 8x d_model, MoE in every layer, context 128",
+            seq_len=128,
+            batch_size=32,
+            moe_every=1,
+            experts=16,
+            sizes={
+                "XS": Shape(96, 2, 3, 768, 3e-3),
+                "S": Shape(128, 2, 4, 1024, 3e-3),
+                "M": Shape(192, 3, 6, 1536, 2e-3),
+            },
+        ),
+    )
 }
-QUICK_SIZES = {  # --quick: the same shape of experiment, smaller
-    "S": (64, 2, 2, 3e-3),
-    "M": (128, 3, 4, 3e-3),
-    "L": (256, 4, 4, 2e-3),
+QUICK_REGIMES = {  # --quick: the same experiment (search included) on tiny models
+    r.name: r
+    for r in (
+        Regime(
+            "tiny",
+            "tiny, MoE in every layer",
+            seq_len=64,
+            batch_size=16,
+            moe_every=1,
+            experts=4,
+            sizes={"XS": Shape(32, 1, 2, 128, 3e-3), "S": Shape(48, 1, 2, 192, 3e-3), "M": Shape(64, 2, 2, 256, 3e-3)},
+        ),
+        Regime(
+            "tiny-deep",
+            "tiny, MoE in every other layer",
+            seq_len=64,
+            batch_size=16,
+            moe_every=2,
+            experts=4,
+            sizes={"XS": Shape(32, 2, 2, 96, 3e-3), "S": Shape(48, 2, 2, 144, 3e-3), "M": Shape(64, 3, 2, 192, 3e-3)},
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    key: str
+    label: str
+    top_k: int
+    shared: bool
+    settings: tuple[str, ...] = ()  # further moe.* overrides of the seed system's recipe
+
+    def expert_width(self, d_ff: int) -> int:
+        """Routed-expert width that spends ``d_ff``'s FLOPs per token over top_k experts and the shared one."""
+        return d_ff // (self.top_k + int(self.shared))
+
+
+SEED_CONVENTIONS = ("moe.layer_losses=sum",)  # Switch, GShard and GLaM add every MoE layer's balancing loss
+RECIPES = {
+    r.key: r
+    for r in (
+        Recipe("switch", "Switch top-1", 1, False, SEED_CONVENTIONS),
+        Recipe("gshard", "GShard top-2", 2, False, SEED_CONVENTIONS),
+        Recipe("deepspeed", "DeepSpeed top-1 + shared", 1, True, SEED_CONVENTIONS),
+    )
 }
 
 
@@ -35,24 +138,23 @@ def override_key(override: str) -> str:
 
 @dataclass
 class RunSpec:
-    name: str  # "dense-S", "S+MoE-16 top-2", ...
-    slug: str  # directory name: dense-s, s-moe16-top2
+    """One training run: a model (dense size or recipe over S) at one budget and seed."""
+
+    model: str  # "dense-S", "MoE-16 Switch top-1", ...
     kind: str  # dense | moe
     cfg: Config
+    steps: int
+    seed: int
+    recipe: str | None = None
     num_experts: int = 0
-    top_k: int = 0
-    variant_of: str | None = None  # slug of the run this one changes (a recipe variant)
-    overrides: list[str] = field(default_factory=list)
+    group: str = "main"  # search | main
+    overrides: list[str] = field(default_factory=list)  # --variant changes, part of the model's name
 
     @property
-    def pinned(self) -> set[str]:
-        """The settings this run's overrides fix, which the experiment must not replace with its defaults."""
-        return {override_key(o) for o in self.overrides}
-
-    @property
-    def steps(self) -> int | None:
-        """Its own number of training steps (a variant setting train.max_steps); None: the plan's."""
-        return self.cfg.train.max_steps if "train.max_steps" in self.pinned else None
+    def slug(self) -> str:
+        name = self.model.lower().replace("+", "").replace(" ", "-").replace("[", "").replace("]", "")
+        name = "".join(ch for ch in name if ch.isalnum() or ch in "-.=")
+        return f"{self.group}/{name}/steps{self.steps}-seed{self.seed}"[:180]
 
     @property
     def train_flops_per_token(self) -> int:
@@ -67,104 +169,83 @@ class RunSpec:
         return count_params(self.cfg).active
 
 
-def base_config(vocab_size: int, seq_len: int, batch_size: int, seed: int) -> Config:
+def base_config(regime: Regime, vocab_size: int) -> Config:
     cfg = Config()
     cfg.model.vocab_size = vocab_size
-    cfg.model.max_seq_len = seq_len
+    cfg.model.max_seq_len = regime.seq_len
     cfg.model.norm, cfg.model.position, cfg.model.ffn, cfg.model.tie_embeddings = "rmsnorm", "rope", "swiglu", True
-    cfg.data.seq_len = seq_len
+    cfg.data.seq_len = regime.seq_len
     cfg.optim.weight_decay = 0.1
     cfg.optim.grad_clip = 1.0
     cfg.optim.min_lr_ratio = 0.1  # Gopher: cosine to 10% of the peak
-    cfg.train.global_batch_size = batch_size
-    cfg.train.micro_batch_size = batch_size
+    cfg.train.global_batch_size = regime.batch_size
+    cfg.train.micro_batch_size = regime.batch_size
     cfg.train.precision = "auto"  # the experiment sets the precision it resolved for this machine
-    cfg.train.seed = seed
     cfg.checkpoint.keep_last = 1
     cfg.logging.tensorboard = False
+    cfg.logging.peak_flops = 1.0  # MFU is not this experiment's subject: skip the per-run peak measurement
     return cfg
 
 
-def dense_config(base: Config, size: tuple[int, int, int, float]) -> Config:
-    d_model, n_layers, n_heads, lr = size
-    cfg = copy.deepcopy(base)
-    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = d_model, n_layers, n_heads
-    cfg.model.d_ff = 3 * d_model
-    cfg.optim.lr = lr
+def dense_config(regime: Regime, vocab_size: int, size: str) -> Config:
+    shape = regime.sizes[size]
+    cfg = base_config(regime, vocab_size)
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = shape.d_model, shape.n_layers, shape.n_heads
+    cfg.model.d_ff = shape.d_ff
+    cfg.moe.moe_every = regime.moe_every  # no experts: only says which FFNs an MoE would replace (flops_share)
+    cfg.optim.lr = shape.lr
     return cfg
 
 
-def moe_config(dense_s: Config, num_experts: int, top_k: int) -> Config:
-    cfg = copy.deepcopy(dense_s)
+def moe_config(regime: Regime, vocab_size: int, recipe: Recipe, num_experts: int) -> Config:
+    cfg = dense_config(regime, vocab_size, "S")
     cfg.moe.num_experts = num_experts
-    cfg.moe.top_k = top_k
-    cfg.moe.moe_every = 2
-    cfg.moe.d_ff_expert = cfg.model.d_ff // top_k  # same matmul FLOPs per token as dense S
+    cfg.moe.top_k = recipe.top_k
+    cfg.moe.d_ff_expert = recipe.expert_width(cfg.model.d_ff)
+    cfg.moe.shared_expert = recipe.shared
     cfg.moe.dropless = True
-    cfg.moe.aux_loss_coef = 0.01
-    cfg.moe.z_loss_coef = 0.001
+    apply_overrides(cfg, list(recipe.settings))
     return cfg
 
 
-def build_family(
+def moe_name(recipe: Recipe, num_experts: int) -> str:
+    return f"MoE-{num_experts} {recipe.label}"
+
+
+def dense_run(regime: Regime, vocab_size: int, size: str, steps: int, seed: int, group: str = "main") -> RunSpec:
+    cfg = dense_config(regime, vocab_size, size)
+    return _finish(RunSpec(f"dense-{size}", "dense", cfg, steps, seed, group=group))
+
+
+def moe_run(
+    regime: Regime,
     vocab_size: int,
-    seq_len: int = 256,
-    batch_size: int = 16,
-    experts: tuple[int, ...] = (4, 16, 64),
-    top_ks: tuple[int, ...] = (1, 2),
-    quick: bool = False,
-    seed: int = 1234,
+    recipe: str,
+    num_experts: int,
+    steps: int,
+    seed: int,
+    group: str = "main",
     moe_overrides: list[str] | None = None,
-) -> list[RunSpec]:
-    """Every run of the experiment, dense first. ``moe_overrides`` (``section.key=value``) change the MoE recipe."""
-    from sparselm.config import apply_overrides
-
-    base = base_config(vocab_size, seq_len, batch_size, seed)
-    sizes = QUICK_SIZES if quick else DENSE_SIZES
-    runs = [RunSpec(f"dense-{n}", f"dense-{n.lower()}", "dense", dense_config(base, s)) for n, s in sizes.items()]
-    dense_s = runs[0].cfg
-    for top_k in top_ks:
-        for e in experts:
-            cfg = moe_config(dense_s, e, top_k)
-            if moe_overrides:
-                apply_overrides(cfg, moe_overrides)
-            runs.append(RunSpec(f"S+MoE-{e} top-{top_k}", f"s-moe{e}-top{top_k}", "moe", cfg, e, top_k))
-    for run in runs:
-        validate(run.cfg)
-    return runs
+) -> RunSpec:
+    r = RECIPES[recipe]
+    cfg = moe_config(regime, vocab_size, r, num_experts)
+    if moe_overrides:
+        apply_overrides(cfg, moe_overrides)
+    return _finish(RunSpec(moe_name(r, num_experts), "moe", cfg, steps, seed, recipe, num_experts, group))
 
 
-def parse_variant(text: str, runs: list[RunSpec]) -> RunSpec:
-    """``BASE_SLUG:section.key=value[,section.key=value...]`` -> a copy of run BASE_SLUG with the overrides.
+def _finish(run: RunSpec) -> RunSpec:
+    run.cfg.train.seed = run.seed
+    run.cfg.train.max_steps = run.steps
+    validate(run.cfg)
+    return run
 
-    A variant trains on the same tokens for the same number of steps as the family, so its curve and final loss
-    compare directly with its base run's: how a recipe change (balancing loss, z-loss, learning rate, capacity)
-    moves an MoE model against the dense family. The one exception is ``train.max_steps``: a variant that sets it
-    trains that many steps (warmup and cosine stretched to match) on the same token stream, e.g. to see whether an
-    MoE model reaches dense-M's loss within half of dense-M's FLOPs, which the family's equal-token runs cannot.
-    ``optim.warmup_steps``, which the experiment otherwise sets to 10% of the steps, is also kept if a variant sets it.
-    """
-    from sparselm.config import apply_overrides
-    from sparselm.errors import ConfigError
 
-    base_slug, sep, rest = text.partition(":")
-    overrides = [item.strip() for item in rest.split(",") if item.strip()]
-    if not sep or not overrides:
-        raise ConfigError(f"--variant {text!r}: expected BASE:section.key=value[,section.key=value...]")
-    by_slug = {r.slug: r for r in runs}
-    if base_slug not in by_slug:
-        raise ConfigError(f"--variant {text!r}: unknown base run {base_slug!r} (runs: {', '.join(by_slug)})")
-    base = by_slug[base_slug]
-    cfg = apply_overrides(copy.deepcopy(base.cfg), overrides)
-    validate(cfg)
-    suffix = "-".join(o.split(".", 1)[-1].replace("=", "").replace("_", "") for o in overrides)
-    return RunSpec(
-        name=f"{base.name} [{', '.join(overrides)}]",
-        slug=f"{base.slug}--{suffix}"[:120],
-        kind=base.kind,
-        cfg=cfg,
-        num_experts=cfg.moe.num_experts,
-        top_k=cfg.moe.top_k,
-        variant_of=base.slug,
-        overrides=overrides,
-    )
+def with_overrides(run: RunSpec, overrides: list[str]) -> RunSpec:
+    """A copy of ``run`` with ``section.key=value`` changes (a recipe variant); its name lists them."""
+    cfg = apply_overrides(copy.deepcopy(run.cfg), overrides)
+    variant = copy.copy(run)
+    variant.cfg = cfg
+    variant.model = f"{run.model} [{', '.join(overrides)}]"
+    variant.overrides = list(overrides)
+    return _finish(variant)

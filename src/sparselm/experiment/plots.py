@@ -1,12 +1,15 @@
-"""The MoE-vs-dense report's plots: validation loss against training FLOPs or wall time for every run, and each
-MoE run's expert load over training as heatmaps."""
+"""The MoE-vs-dense report's plots: final losses against training FLOPs or seconds with the dense frontier, the
+full-budget runs' validation curves against steps, and the expert load over training as heatmaps."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sparselm.experiment.analysis import run_curve
+from sparselm.experiment.cells import Analysis, runs_of
+
+DENSE_COLORS = {"dense-XS": "#bdbdbd", "dense-S": "#757575", "dense-M": "#212121"}
+RECIPE_COLORS = {"switch": "#1f77b4", "gshard": "#2ca02c", "deepspeed": "#d62728"}
 
 
 def _plt():
@@ -18,56 +21,87 @@ def _plt():
     return plt
 
 
-def _style(run: dict[str, Any], index: int) -> dict[str, Any]:
-    if run["kind"] == "dense":
-        greys = {"dense-s": "#9e9e9e", "dense-m": "#616161", "dense-l": "#212121"}
-        color = greys.get(run.get("variant_of") or run["slug"], "#9e9e9e")  # a variant takes its base's grey
-        return {"color": color, "linestyle": ":" if run.get("variant_of") else "-", "linewidth": 2.2, "marker": "o"}
-    palette = {4: "#1f77b4", 16: "#2ca02c", 64: "#d62728", 8: "#9467bd", 32: "#ff7f0e", 128: "#8c564b"}
-    color = palette.get(run["num_experts"], f"C{index % 10}")
-    return {
-        "color": color,
-        "linestyle": ":" if run.get("variant_of") else ("-" if run["top_k"] == 1 else "--"),
-        "linewidth": 1.5,
-        "marker": "^" if run["top_k"] == 1 else "v",
-    }
+def _color(name: str, recipe: str | None) -> str:
+    return DENSE_COLORS.get(name.split(" [")[0], "#9e9e9e") if recipe is None else RECIPE_COLORS.get(recipe, "C4")
 
 
-def plot_curves(results: dict[str, Any], path: Path, x: str, xlabel: str) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10.5, 4.8))
-    for i, run in enumerate(results["runs"]):
-        points = run_curve(run, x)
-        if not points:
-            continue
-        xs, ys = zip(*points, strict=True)
-        ax.plot(xs, ys, label=run["name"], markersize=3, **_style(run, i))
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(True, which="both", alpha=0.3)
-    # outside the axes, so that the curves stay visible however many runs there are
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    longer = any(r["steps"] != results["steps"] for r in results["runs"])
-    title = f"{results['tokens_per_run']:,} training tokens per run"
-    ax.set_title(title + (" (variants setting train.max_steps: more)" if longer else ""), fontsize=9)
-    fig.tight_layout()
+def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     return path
 
 
-def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
-    """Per MoE run and MoE layer: a heatmap of each expert's share of tokens x E over training (1 = balanced)."""
-    moe_runs = [r for r in results["runs"] if r["kind"] == "moe" and r["expert_load"]]
-    if not moe_runs:
+def plot_cells(results: dict[str, Any], a: Analysis, path: Path, axis: str) -> Path:
+    """Every cell's mean final loss with its 95% interval against its cost; the dense frontier as a line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10.5, 5.0))
+    env = a.flops_frontier if axis == "flops" else a.time_frontier
+    if env:
+        ax.plot([p.cost for p in env], [p.loss for p in env], color="black", linewidth=1, label="dense frontier")
+    labelled = set()
+    for cell in a.cells:
+        run = runs_of(results, cell)[0]
+        cost = cell.cost(axis)
+        if cost is None:
+            continue
+        h = a.noise.half_width(cell.n)
+        label = cell.name if cell.name not in labelled else None
+        labelled.add(cell.name)
+        moe = cell.kind == "moe"
+        ax.errorbar(
+            cost,
+            cell.loss,
+            yerr=h if h != float("inf") else None,
+            fmt="^" if moe else "o",
+            color=_color(cell.name, run["recipe"]),
+            markersize=6 if moe else 5,
+            capsize=3,
+            label=label,
+            alpha=0.6 if run["overrides"] else 1.0,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs" if axis == "flops" else "training time on this CPU (s)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title("finished runs, mean over seeds with 95% intervals", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_curves(results: dict[str, Any], a: Analysis, path: Path) -> Path:
+    """Validation curves of the first seed of every full-budget cell against steps (the equal-steps view)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10.5, 4.6))
+    for cell in a.cells:
+        if cell.steps != a.full_steps:
+            continue
+        run = runs_of(results, cell)[0]
+        points = [(p["step"], p["val_loss"]) for p in run["curve"]]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            style = "-" if cell.kind == "dense" else "--"
+            ax.plot(xs, ys, style, marker="o", markersize=3, color=_color(cell.name, run["recipe"]), label=cell.name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(f"runs trained for the full budget ({a.full_steps} steps), first seed", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_expert_load(results: dict[str, Any], a: Analysis, path: Path) -> Path | None:
+    """Per full-budget MoE cell (first seed) and MoE layer: each expert's share of tokens x E over training."""
+    runs = [runs_of(results, m.cell)[0] for m in a.moe if m.cell.steps == a.full_steps]
+    runs = [r for r in runs if r["expert_load"]]
+    if not runs:
         return None
     plt = _plt()
-    layers = max(len(r["expert_load"][0]["load"]) for r in moe_runs)
-    fig, axes = plt.subplots(len(moe_runs), layers, figsize=(4.2 * layers, 1.9 * len(moe_runs)), squeeze=False)
+    layers = max(len(r["expert_load"][0]["load"]) for r in runs)
+    fig, axes = plt.subplots(len(runs), layers, figsize=(4.2 * layers, 1.9 * len(runs)), squeeze=False)
     image = None
-    for row, run in enumerate(moe_runs):
+    for row, run in enumerate(runs):
         steps = [p["step"] for p in run["expert_load"]]
         e = run["num_experts"]
         for layer in range(layers):
@@ -82,11 +116,11 @@ def plot_expert_load(results: dict[str, Any], path: Path) -> Path | None:
                 extent=(steps[0], steps[-1], e - 0.5, -0.5),
                 interpolation="nearest",
             )
-            ax.set_title(f"{run['name']}, MoE layer {layer}", fontsize=8)
+            ax.set_title(f"{run['model']}, MoE layer {layer}", fontsize=8)
             ax.tick_params(labelsize=7)
             if layer == 0:
                 ax.set_ylabel("expert", fontsize=7)
-            if row == len(moe_runs) - 1:
+            if row == len(runs) - 1:
                 ax.set_xlabel("training step", fontsize=7)
     fig.tight_layout()
     if image is not None:
