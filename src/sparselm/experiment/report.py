@@ -36,14 +36,18 @@ def _meets_goal(f: Factor) -> bool:
     return f.mid.value >= GOAL and f.mid.bound in ("=", ">") and f.low.value > GOAL_LOW and f.low.bound in ("=", ">")
 
 
-def _trend(values: list[float]) -> str:
+def _trend(factors: list[Factor]) -> str:
+    """How the factors' point estimates move, and whether any of them is told apart from 1 by its interval."""
+    values = [f.mid.value for f in factors]
     if len(values) < 2:
         return "one point only"
     if all(b > a for a, b in zip(values, values[1:], strict=False)):
-        return "grows"
-    if all(b < a for a, b in zip(values, values[1:], strict=False)):
-        return "falls"
-    return "moves without a clear direction"
+        trend = "its point estimate grows"
+    elif all(b < a for a, b in zip(values, values[1:], strict=False)):
+        trend = "its point estimate falls"
+    else:
+        trend = "its point estimate moves without a clear direction"
+    return trend if any(f.measurable for f in factors) else f"{trend}, but every interval includes 1"
 
 
 def _tokens(results: dict[str, Any], steps: int) -> int:
@@ -98,22 +102,22 @@ def verdict_lines(a: Analysis, results: dict[str, Any]) -> list[str]:
         )
     if len(a.by_experts) > 1:
         parts = [f"E={m.num_experts} {_factor(m.flops_factor)}" for m in a.by_experts]
-        trend = _trend([m.flops_factor.mid.value for m in a.by_experts if m.flops_factor])
+        trend = _trend([m.flops_factor for m in a.by_experts if m.flops_factor])
         lines.append(
-            f"- **Number of experts** ({best.cell.name.split(' ', 1)[1]}, full budget): {'; '.join(parts)}: "
-            f"the factor {trend}."
+            f"- **Number of experts** ({best.cell.name.split(' ', 1)[1]}, full budget): {'; '.join(parts)}: {trend}."
         )
     if len(a.by_budget) > 1:
         parts = [f"{_tokens(results, m.cell.steps):,} tokens {_factor(m.flops_factor)}" for m in a.by_budget]
-        trend = _trend([m.flops_factor.mid.value for m in a.by_budget if m.flops_factor])
-        line = f"- **Token budget** ({best.cell.name}): {'; '.join(parts)}: the factor {trend}"
+        trend = _trend([m.flops_factor for m in a.by_budget if m.flops_factor])
+        line = f"- **Token budget** ({best.cell.name}): {'; '.join(parts)}: {trend}"
         if a.budget_for_goal is not None:
             line += (
-                f"; a straight line through these points in log budget reaches {GOAL:.0f}x at about "
+                f"; a straight line through the point estimates that are not bounds, in log budget, reaches "
+                f"{GOAL:.0f}x at about "
                 f"{_human(a.budget_for_goal)} tokens per run (an extrapolation, not a measurement)."
             )
         else:
-            line += f"; it does not grow with the budget here, so no budget at which it reaches {GOAL:.0f}x follows."
+            line += f"; no budget at which it would reach {GOAL:.0f}x follows from these points."
         lines.append(line)
     others = [m for m in a.moe if m.cell.steps == a.full_steps and m is not best and m.flops_factor]
     if others:
@@ -164,7 +168,7 @@ def _setup_lines(results: dict[str, Any], a: Analysis) -> list[str]:
         f"train {splits['train']['tokens']:,} tokens, validation {splits['val']['tokens']:,} tokens "
         f"({splits['val']['documents']} documents, held out by document)",
         f"- **Regime**: {regime['name']}: {regime['about']}; {regime['batch_size']} x {regime['seq_len']} tokens per "
-        f"step; chosen by the search below",
+        f"step; " + ("chosen by the search below" if search_table(results) else "given by `--regimes` (no search)"),
         f"- **Training**: every run has its own schedule (AdamW, warmup {results['warmup_fraction']:.0%} of its "
         f"steps, cosine to 10% at its last step), {results['precision']}; full budget B = {full} steps "
         f"({_tokens(results, full):,} tokens); dense sizes at {', '.join(map(str, budgets))} steps; the final "
