@@ -98,6 +98,19 @@ def test_options_are_checked(tmp_path: Path) -> None:
         run_experiment(ExperimentOptions(data=[tmp_path / "missing"], out=tmp_path / "x", progress=False))
 
 
+def test_cli_verb_rejects_bad_arguments_with_one_line(tmp_path: Path, tiny_corpus: Path, capsys) -> None:
+    from sparselm.cli import main
+
+    base = ["experiment", "moe-vs-dense", "--data", str(tiny_corpus), "--out", str(tmp_path / "x")]
+    assert main([*base, "--quick", "--regimes", "nope"]) == 2
+    assert "--regimes: unknown nope (known: tiny, tiny-deep)" in capsys.readouterr().err
+    assert main([*base, "--recipes", "top3"]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main([*base, "--experts", "4,x"])
+    assert stop.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written before the arguments are checked
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> tuple[ExperimentOptions, dict]:
     """The whole experiment at the smallest settings (a few steps per run, the search included), run once."""
