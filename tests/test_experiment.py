@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sparselm.errors import ConfigError, InputError
+from sparselm.experiment.data import prepare_dataset
 from sparselm.experiment.family import QUICK_REGIMES, RECIPES, REGIMES, dense_run, moe_run
 from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
 from sparselm.experiment.plan import Layout, budgets, fit_steps, main_runs, parse_variant, search_runs
@@ -169,6 +170,9 @@ def test_experiment_end_to_end_and_rerun(finished) -> None:
         r["final_val_loss"] for r in results["runs"]
     ]
     assert "MoE-4 Switch top-1 [moe.top1_gate=straight_through]" in Path(again["report"]).read_text()
+    # The data of an --out belongs to its settings: another vocabulary is refused, not mixed in.
+    with pytest.raises(InputError, match="different settings"):
+        prepare_dataset(opts.data, opts.out / "data", 1024, opts.val_fraction, 1234, progress=False)
 
 
 def _with_moe_losses(results: dict, loss_of) -> dict:
@@ -198,3 +202,20 @@ def test_verdict_follows_the_numbers(finished) -> None:
     assert first[1].startswith("**Verdict: the MoE costs more training compute than dense.**"), first[1]
     assert "nats below dense-S" in better and "nats above dense-S" in worse
     assert "(saving)" in better and "(costs more)" in worse  # the other recipes at the full budget
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def test_committed_reports_are_rendered_from_their_committed_results() -> None:
+    """Every report under docs/results/ with a results.json beside it (in its plot folder) is exactly what
+    report.py renders from that file, so a change to the analysis or the wording regenerates it in the same commit."""
+    rendered = 0
+    for report in sorted(DOCS.glob("moe-vs-dense*.md")):
+        saved = report.parent / report.stem / "results.json"
+        if saved.is_file():
+            results = json.loads(saved.read_text())
+            assert render_markdown(results, plot_names(report)) + "\n" == report.read_text(), report.name
+            assert all(r["final_val_loss"] is not None for r in results["runs"])
+            rendered += 1
+    assert rendered >= 1

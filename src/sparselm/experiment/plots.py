@@ -74,6 +74,7 @@ def plot_curves(results: dict[str, Any], a: Analysis, path: Path) -> Path:
     """Validation curves of the first seed of every full-budget cell against steps (the equal-steps view)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(10.5, 4.6))
+    regime_experts = next(r["experts"] for r in results["regimes"] if r["name"] == results["plan"]["regime"])
     for cell in a.cells:
         if cell.steps != a.full_steps:
             continue
@@ -81,7 +82,9 @@ def plot_curves(results: dict[str, Any], a: Analysis, path: Path) -> Path:
         points = [(p["step"], p["val_loss"]) for p in run["curve"]]
         if points:
             xs, ys = zip(*points, strict=True)
-            style = "-" if cell.kind == "dense" else "--"
+            # dense solid; the regime's number of experts dashed; the sweep over experts and variants dotted
+            plain = run["num_experts"] == regime_experts and not run["overrides"]
+            style = "-" if cell.kind == "dense" else ("--" if plain else ":")
             ax.plot(xs, ys, style, marker="o", markersize=3, color=_color(cell.name, run["recipe"]), label=cell.name)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
