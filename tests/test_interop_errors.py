@@ -199,6 +199,12 @@ EXPORT_REFUSALS = {
     "transformer-xl": ({"position": "xl"}, {}, None, "model.position=xl (Transformer-XL relative attention"),
     "capacity factor": ({}, {"num_experts": 4, "dropless": False}, None, "moe.dropless=false (capacity-factor"),
     "jitter": ({}, {"num_experts": 4, "jitter": 0.01}, None, "moe.jitter=0.01 (router input jitter)"),
+    "straight-through top-1 gate": (
+        {},
+        {"num_experts": 4, "top_k": 1, "top1_gate": "straight_through"},
+        None,
+        "moe.top1_gate=straight_through",
+    ),
     "layernorm with rope": ({"norm": "layernorm"}, {}, None, "model.norm=layernorm (needs rmsnorm)"),
     "dropout": ({"dropout": 0.1}, {}, None, "model.dropout=0.1"),
     "forced mixtral on top-1": (

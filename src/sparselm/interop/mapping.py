@@ -165,6 +165,8 @@ def check_common_export(cfg: Config, *, position: str, norm: str, ffn: str, allo
             refuse("moe.dropless=false (capacity-factor token dropping)")
         if e.jitter:
             refuse(f"moe.jitter={e.jitter} (router input jitter)")
+        if e.top_k == 1 and e.top1_gate == "straight_through":
+            refuse("moe.top1_gate=straight_through (a top-1 expert's output not scaled by its probability)")
 
 
 # ---------------------------------------------------------------------------------------- shared tensors
