@@ -146,7 +146,15 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from sparselm.eval.perplexity import perplexity_of_split, perplexity_of_text
 
     model, cfg, tokenizer = _load(args.ckpt)
-    scorer = Scorer(model, tokenizer, batch_size=args.batch_size, precision=args.precision)
+    if args.retro_db:
+        from sparselm.checkpoint.files import resolve_checkpoint
+        from sparselm.retro.scoring import RetroScorer, open_retriever
+
+        tokenizer_path = resolve_checkpoint(args.ckpt) / "tokenizer.model"
+        retriever = open_retriever(model, tokenizer_path, args.retro_db, args.retro_k)
+        scorer = RetroScorer(model, tokenizer, retriever, batch_size=args.batch_size, precision=args.precision)
+    else:
+        scorer = Scorer(model, tokenizer, batch_size=args.batch_size, precision=args.precision)
     window = args.seq_len or cfg.data.seq_len
     src = Path(args.input)
     if (src / "meta.json").is_file():
@@ -184,6 +192,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparselm.retro.command import add_retro_db_arguments, add_retro_verbs  # argparse only
+
     parser = argparse.ArgumentParser(prog="sparselm", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -258,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=0, help="score at most this many windows (0 = all)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--json", action="store_true")
+    add_retro_db_arguments(p)
     p.set_defaults(func=cmd_ppl)
 
     from sparselm.eval.command import add_arguments  # argparse only: keeps --help instant
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sparselm.pipeline.command import add_data_verbs  # argparse only: keeps --help instant
 
     add_data_verbs(verbs)
+    add_retro_verbs(verbs)
     return parser
 
 

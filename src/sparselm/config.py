@@ -163,6 +163,34 @@ class ParallelConfig:
 
 
 @dataclass
+class RetroConfig:
+    """RETRO (Borgeaud et al. 2021): a neighbour encoder and chunked cross-attention on top of the decoder, fed with
+    neighbours from a chunk database (``sparselm retro build-db``). ``enabled = false`` is exactly the plain model."""
+
+    enabled: bool = False
+    chunk_size: int = 64  # m: tokens per retrieval chunk; a neighbour is a chunk plus its continuation (2m tokens)
+    neighbours: int = 2  # k: neighbours per chunk in training (and the default in evaluation)
+    cca_start: int = 6  # 1-based decoder layer of the first chunked cross-attention (the paper: 6)
+    cca_every: int = 3  # then every cca_every-th layer after it (the paper: 3)
+    encoder_layers: int = 2  # bidirectional neighbour-encoder layers
+    encoder_d_model: int = 0  # 0 = model.d_model
+    encoder_heads: int = 0  # 0 = model.n_heads
+    encoder_d_ff: int = 0  # 0 = model.d_ff
+    encoder_moe: bool = False  # MoE FFNs in the encoder too, placed by moe.moe_every (needs moe.num_experts > 0)
+    db: str = ""  # training: database directory holding precomputed neighbours for data.path's train split
+    init_from: str = ""  # RETRO-fitting: a trained checkpoint (run or checkpoint dir) without retrieval to start from
+    freeze_base: bool = False  # RETRO-fitting: train only the encoder and the cross-attention, the rest stays frozen
+
+    def cca_layers(self, n_layers: int) -> list[int]:
+        """0-based decoder layers holding a chunked cross-attention (none when retrieval is off)."""
+        return list(range(self.cca_start - 1, n_layers, self.cca_every)) if self.enabled else []
+
+    def encoder_moe_layers(self, moe: MoEConfig) -> list[int]:
+        """0-based encoder layers holding an MoE FFN."""
+        return moe.layer_indices(self.encoder_layers) if (self.enabled and self.encoder_moe) else []
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -172,6 +200,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    retro: RetroConfig = field(default_factory=RetroConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,10 +291,37 @@ def validate(cfg: Config, require_data: bool = False) -> None:
     _check(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
 
+    if cfg.retro.enabled:
+        _validate_retro(cfg)
+
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(cfg.logging.log_every >= 1, f"logging.log_every must be >= 1, got {cfg.logging.log_every}")
     _check(cfg.logging.peak_flops >= 0, f"logging.peak_flops must be >= 0, got {cfg.logging.peak_flops}")
+
+
+def _validate_retro(cfg: Config) -> None:
+    r, m = cfg.retro, cfg.model
+    _check(r.chunk_size >= 1, f"retro.chunk_size must be >= 1, got {r.chunk_size}")
+    _check(r.neighbours >= 1, f"retro.neighbours must be >= 1, got {r.neighbours}")
+    _check(
+        1 <= r.cca_start <= m.n_layers,
+        f"retro.cca_start={r.cca_start} must be a layer of the decoder (1 to model.n_layers={m.n_layers})",
+    )
+    _check(r.cca_every >= 1, f"retro.cca_every must be >= 1, got {r.cca_every}")
+    _check(r.encoder_layers >= 1, f"retro.encoder_layers must be >= 1, got {r.encoder_layers}")
+    for name in ("encoder_d_model", "encoder_heads", "encoder_d_ff"):
+        _check(getattr(r, name) >= 0, f"retro.{name} must be >= 0 (0 = the decoder's), got {getattr(r, name)}")
+    d_enc, heads = r.encoder_d_model or m.d_model, r.encoder_heads or m.n_heads
+    _check(d_enc % heads == 0, f"retro.encoder_d_model={d_enc} is not divisible by retro.encoder_heads={heads}")
+    _check((d_enc // heads) % 2 == 0, "the neighbour encoder uses rotary positions: it needs an even head dimension")
+    _check(not r.encoder_moe or cfg.moe.enabled, "retro.encoder_moe needs an MoE recipe (moe.num_experts > 0)")
+    _check(
+        not r.encoder_moe or cfg.moe.moe_every <= r.encoder_layers,
+        f"retro.encoder_moe: moe.moe_every={cfg.moe.moe_every} leaves the {r.encoder_layers} encoder layers dense",
+    )
+    _check(not r.freeze_base or bool(r.init_from), "retro.freeze_base needs retro.init_from (the model to freeze)")
+    _check(not cfg.train.compile, "train.compile is not supported with [retro] yet (set train.compile = false)")
 
 
 def to_toml(cfg: Config) -> str:

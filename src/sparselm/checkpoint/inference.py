@@ -16,7 +16,7 @@ def load_checkpoint(path: str | Path) -> tuple[Transformer, object, TextTokenize
     (what sparselm trains) or, for an imported model, its Hugging Face ``tokenizer.json``."""
     ckpt = resolve_checkpoint(path)
     cfg = load_config_from_checkpoint(ckpt)
-    model = Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe, cfg.retro)
     load_model_weights(model, ckpt)
     model.eval()
     if not (ckpt / SENTENCEPIECE_FILE).is_file() and not (ckpt / HF_TOKENIZER_FILE).is_file():

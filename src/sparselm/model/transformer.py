@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from sparselm.config import ModelConfig, MoEConfig
+from sparselm.config import ModelConfig, MoEConfig, RetroConfig
 from sparselm.errors import InputError
 from sparselm.model.attention import Attention, AttentionCache, KVCache, causal_slots
 from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
@@ -51,10 +51,17 @@ class Block(nn.Module):
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        # Optional sublayer between attention and FFN, ``cross(x, cross_inputs)`` -> residual update: RETRO's
+        # chunked cross-attention (model/retro.py). None in a plain model, so its parameters and speed are unchanged.
+        self.cross: nn.Module | None = None
         self.checkpoint = False  # set from outside (activation checkpointing is a training policy)
 
-    def _forward(self, x: torch.Tensor, valid, attn_kwargs: dict) -> tuple[torch.Tensor, MoEStats | None]:
+    def _forward(
+        self, x: torch.Tensor, valid, attn_kwargs: dict, cross_inputs=None
+    ) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.dropout(self.attn(self.attn_norm(x), **attn_kwargs))
+        if self.cross is not None and cross_inputs is not None:
+            x = x + self.dropout(self.cross(x, cross_inputs))
         stats = None
         if isinstance(self.ffn, MoE):
             h, stats = self.ffn(self.ffn_norm(x), valid)
@@ -63,16 +70,19 @@ class Block(nn.Module):
         return x + self.dropout(h), stats
 
     def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, **attn_kwargs
+        self, x: torch.Tensor, valid: torch.Tensor | None = None, cross_inputs=None, **attn_kwargs
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        """``valid`` [B, T] marks real tokens (None: all real); the rest goes to attention."""
+        """``valid`` [B, T] marks real tokens (None: all real); ``cross_inputs`` feed the cross sublayer (if any);
+        the rest goes to attention."""
+        if cross_inputs is not None and self.cross is not None:
+            return self._forward(x, valid, attn_kwargs, cross_inputs)  # never checkpointed: it may run the encoder
         if self.checkpoint and self.training and attn_kwargs.get("cache") is None:
             return checkpoint(self._forward, x, valid, attn_kwargs, use_reentrant=False)
         return self._forward(x, valid, attn_kwargs)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None, retro: RetroConfig | None = None) -> None:
         super().__init__()
         moe = moe if moe is not None else MoEConfig()
         self.cfg = cfg
@@ -85,6 +95,11 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
+        self.retro_encoder: nn.Module | None = None
+        if retro is not None and retro.enabled:
+            from sparselm.model.retro import add_retrieval
+
+            self.retro_encoder = add_retrieval(self, retro)
         self.init_weights()
 
     @torch.no_grad()
@@ -107,7 +122,8 @@ class Transformer(nn.Module):
                 and not isinstance(module, nn.Linear)
             ):
                 module.reset_parameters()
-        for block in self.layers:
+        blocks = [m for m in self.modules() if isinstance(m, Block)]  # the neighbour encoder's blocks too
+        for block in blocks:
             if isinstance(block.ffn, MoE):
                 experts = block.ffn.experts
                 scale = self.moe_cfg.expert_init_scale
@@ -118,7 +134,7 @@ class Transformer(nn.Module):
                 for b in (experts.b_up, experts.b_down):
                     if b is not None:
                         nn.init.zeros_(b)
-            if self.cfg.position == "xl":
+            if block.attn.position == "xl":
                 nn.init.zeros_(block.attn.u)
                 nn.init.zeros_(block.attn.v)
 
@@ -132,11 +148,14 @@ class Transformer(nn.Module):
         cache: AttentionCache | None = None,
         last_only: bool = False,
         output_rows: torch.Tensor | None = None,
+        neighbours: torch.Tensor | None = None,
     ) -> ModelOutput:
         """``idx`` [B, T] token ids. ``positions`` [B, T] (default: 0.. or continuing a ``KVCache``), ``valid`` [B, T]
         False for padding. With ``cache`` the new keys/values are stored in it and the cache says which keys each
         query attends to (see ``AttentionCache``). Logits: [B, T, V]; [B, 1, V] with ``last_only``; [R, V] for the
         tokens ``output_rows`` [R] of the flattened [B * T] input with ``output_rows`` (the others are not computed).
+        ``neighbours`` [B, T // m, k, r] token ids retrieved for each complete chunk of m tokens (a RETRO model
+        only; None runs it without retrieval, exactly as the plain decoder).
         """
         B, T = idx.shape
         if positions is None:
@@ -154,11 +173,18 @@ class Transformer(nn.Module):
 
         attn_kwargs = self._attention_inputs(positions, valid, cache)
         token_valid = None if bool(valid.all()) else valid
+        retrieval = None
+        if neighbours is not None:
+            from sparselm.model.retro import Retrieval
+
+            retrieval = Retrieval.start(self, neighbours, T, cache)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
-            x, layer_stats = block(x, token_valid, layer=i, **attn_kwargs)
+            x, layer_stats = block(x, token_valid, retrieval, layer=i, **attn_kwargs)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if retrieval is not None:
+            stats.extend(retrieval.moe_stats)  # the neighbour encoder's MoE layers, after the decoder's
         if cache is not None:
             cache.advance(T)
 

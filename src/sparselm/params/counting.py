@@ -97,7 +97,7 @@ def count_params(cfg: Config) -> ParamCount:
     router = e.num_experts * d if n_moe else 0
     shared_matmul, shared_bias = ffn_params(d, d_ff_expert, m.ffn, m.bias) if (n_moe and e.shared_expert) else (0, 0)
 
-    breakdown = {
+    breakdown: dict[str, int] = {
         "token_embedding": m.vocab_size * d,
         "position_embedding": m.max_seq_len * d if m.position == "absolute" else 0,
         "relative_bias": m.relative_buckets * m.n_heads if m.position == "relative" else 0,
@@ -109,11 +109,17 @@ def count_params(cfg: Config) -> ParamCount:
         "shared_experts": n_moe * (shared_matmul + shared_bias),
         "lm_head": 0 if m.tie_embeddings else m.vocab_size * d,
     }
+    matmul = n_layers * attn_matmul + n_dense * ffn_matmul + n_moe * (e.top_k * expert_matmul + shared_matmul)
+    active_experts = n_moe * e.top_k * per_expert
+    if cfg.retro.enabled:
+        retro = _retro_params(cfg)
+        breakdown.update(retro.breakdown)
+        breakdown["experts"] += retro.experts
+        n_moe += retro.n_moe
+        active_experts += retro.active_experts
     total = sum(breakdown.values())
     embedding = breakdown["token_embedding"] + breakdown["position_embedding"] + breakdown["lm_head"]
-    active_experts = n_moe * e.top_k * per_expert
     active = total - breakdown["experts"] + active_experts
-    matmul = n_layers * attn_matmul + n_dense * ffn_matmul + n_moe * (e.top_k * expert_matmul + shared_matmul)
     return ParamCount(
         total=total,
         active=active,
@@ -127,6 +133,86 @@ def count_params(cfg: Config) -> ParamCount:
         breakdown=breakdown,
         matmul_active_non_embedding=matmul,
     )
+
+
+@dataclass
+class _RetroParams:
+    breakdown: dict[str, int]  # "retro_cca", "retro_encoder" (routed experts excluded: they go to "experts")
+    experts: int
+    active_experts: int
+    n_moe: int
+
+
+def _retro_params(cfg: Config) -> _RetroParams:
+    """RETRO's parameters (sparselm.model.retro): the chunked cross-attention sublayers and the neighbour encoder."""
+    m, e, r = cfg.model, cfg.moe, cfg.retro
+    d = m.d_model
+    d_enc, d_ff_enc = r.encoder_d_model or d, r.encoder_d_ff or m.d_ff
+
+    def norm(width: int) -> int:
+        return width * (2 if (m.norm == "layernorm" and m.bias) else 1)
+
+    def cross(width: int, d_memory: int) -> tuple[int, int]:  # CrossAttention: (matmul weights, biases)
+        return 2 * width * width + 2 * d_memory * width, (4 * width if m.bias else 0)
+
+    cca_matmul, cca_bias = cross(d, d_enc)
+    n_cca = len(r.cca_layers(m.n_layers))
+    enc_moe = len(r.encoder_moe_layers(e))
+    enc_dense = r.encoder_layers - enc_moe
+    cond_matmul, cond_bias = cross(d_enc, d)
+    ffn_matmul, ffn_bias = ffn_params(d_enc, d_ff_enc, m.ffn, m.bias)
+    d_ff_expert = e.d_ff_expert or d_ff_enc
+    expert_matmul, expert_bias = _expert_params(d_enc, d_ff_expert, m.ffn, m.bias) if enc_moe else (0, 0)
+    shared_matmul, shared_bias = (0, 0)
+    if enc_moe and e.shared_expert:
+        shared_matmul, shared_bias = ffn_params(d_enc, d_ff_expert, m.ffn, m.bias)
+    per_layer = (
+        4 * d_enc * d_enc
+        + (4 * d_enc if m.bias else 0)  # self-attention
+        + 2 * norm(d_enc)  # attention and FFN norms
+        + norm(d_enc)
+        + norm(d)
+        + cond_matmul
+        + cond_bias  # conditioning cross-attention with its query and memory norms
+    )
+    encoder = (
+        (d * d_enc if d_enc != d else 0)  # proj_in
+        + r.encoder_layers * per_layer
+        + enc_dense * (ffn_matmul + ffn_bias)
+        + enc_moe * (e.num_experts * d_enc + shared_matmul + shared_bias)  # routers and shared experts
+        + norm(d_enc)  # final norm
+    )
+    per_expert = expert_matmul + expert_bias
+    return _RetroParams(
+        breakdown={"retro_cca": n_cca * (cca_matmul + cca_bias + norm(d)), "retro_encoder": encoder},
+        experts=enc_moe * e.num_experts * per_expert,
+        active_experts=enc_moe * e.top_k * per_expert,
+        n_moe=enc_moe,
+    )
+
+
+def _retro_flops(cfg: Config) -> dict[str, int]:
+    """Forward FLOPs per decoder token of RETRO's additions, k = retro.neighbours neighbours of r = 2m tokens per
+    chunk of m: the encoder runs on k * r / m = 2k neighbour tokens per decoder token."""
+    m, e, r = cfg.model, cfg.moe, cfg.retro
+    d, d_enc = m.d_model, r.encoder_d_model or m.d_model
+    d_ff_enc = r.encoder_d_ff or m.d_ff
+    k, chunk, length = r.neighbours, r.chunk_size, 2 * r.chunk_size
+    per_neighbour_token = 2 * (d * d_enc if d_enc != d else 0)
+    enc_moe = len(r.encoder_moe_layers(e))
+    ffn_matmul = ffn_params(d_enc, d_ff_enc, m.ffn, m.bias)[0]
+    d_ff_expert = e.d_ff_expert or d_ff_enc
+    expert_matmul = _expert_params(d_enc, d_ff_expert, m.ffn, m.bias)[0]
+    shared = ffn_params(d_enc, d_ff_expert, m.ffn, m.bias)[0] if e.shared_expert else 0
+    per_neighbour_token += 2 * (r.encoder_layers - enc_moe) * ffn_matmul
+    per_neighbour_token += 2 * enc_moe * (e.top_k * expert_matmul + shared + e.num_experts * d_enc)
+    per_layer = 2 * (4 * d_enc * d_enc + 2 * d_enc * d_enc)  # self-attention q/k/v/o; conditioning q/o
+    per_layer += 2 * chunk / length * 2 * d * d_enc  # conditioning k/v over the chunk's m states, per neighbour
+    per_layer += 4 * length * d_enc + 4 * chunk * d_enc  # self-attention and conditioning scores
+    encoder = k * length / chunk * (per_neighbour_token + r.encoder_layers * per_layer)
+    n_cca = len(r.cca_layers(m.n_layers))
+    cca = n_cca * (2 * 2 * d * d + k * length / chunk * 2 * 2 * d_enc * d + 4 * k * length * d)
+    return {"retro_encoder": int(encoder), "retro_cca": int(cca)}
 
 
 def flops_per_token(cfg: Config, seq_len: int | None = None) -> FlopCount:
@@ -146,5 +232,7 @@ def flops_per_token(cfg: Config, seq_len: int | None = None) -> FlopCount:
         "attention": 2 * 2 * m.n_layers * seq_len * m.d_model,
         "router": 2 * counts.breakdown["router"],
     }
+    if cfg.retro.enabled:
+        breakdown.update(_retro_flops(cfg))
     forward = sum(breakdown.values())
     return FlopCount(forward=forward, train=3 * forward, inference=forward, seq_len=seq_len, breakdown=breakdown)
