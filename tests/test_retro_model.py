@@ -156,13 +156,13 @@ GRID = list(itertools.product(["rmsnorm", "layernorm"], [True, False], [0, 16], 
 def test_count_params_counts_retro(norm: str, bias: bool, d_enc: int, encoder_moe: bool, ffn: str) -> None:
     cfg = retro_config(
         f"model.norm={norm}",
-        f"model.bias={bias}",
+        f"model.bias={str(bias).lower()}",
         f"model.ffn={ffn}",
         f"retro.encoder_d_model={d_enc}",
         "retro.encoder_heads=2",
         "moe.num_experts=4",
         "moe.shared_expert=true",
-        f"retro.encoder_moe={encoder_moe}",
+        f"retro.encoder_moe={str(encoder_moe).lower()}",
     )
     model = build(cfg)
     counts = count_params(cfg)
