@@ -203,7 +203,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()) and not earlier_export:
         raise CheckpointError(f"{out} exists and is not an earlier export: choose a new --out")
     cfg = load_config_from_checkpoint(ckpt)
-    model = Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe, cfg.retro)
     load_model_weights(model, ckpt)
     step = read_trainer_state(ckpt).get("step", 0)
     with staged_directory(out, overwrite=earlier_export) as tmp:
@@ -323,7 +323,11 @@ def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, sch
     # optimizer.pt numbers parameters in the order build_optimizer grouped them; rebuild that order (on the meta
     # device, no memory) to name them.
     with torch.device("meta"):
-        plain = Transformer(cfg.model, cfg.moe)
+        plain = Transformer(cfg.model, cfg.moe, cfg.retro)
+    if cfg.retro.freeze_base:  # RETRO-fitting: the optimizer holds only the retrieval parameters
+        from sparselm.retro.training import freeze_base
+
+        freeze_base(plain)
     names = {id(p): n for n, p in plain.named_parameters()}
     groups = build_optimizer(plain, cfg.optim).param_groups
     named = _sharded().named_optimizer_state(state["optimizer"], [[names[id(p)] for p in g["params"]] for g in groups])

@@ -164,11 +164,15 @@ class BatchSampler:
                 self.epoch, self.cursor = self.epoch + 1, 0
         return windows
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's rows of the next global batch: int64 (inputs, targets), each [local_batch_size, seq_len]."""
+    def next_windows(self) -> list[int]:
+        """This rank's window ids of the next global batch."""
         windows = self._take_global()
         local = self.local_batch_size
-        return _to_batch(self.shards, windows[self.rank * local : (self.rank + 1) * local], self.seq_len)
+        return windows[self.rank * local : (self.rank + 1) * local]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the next global batch: int64 (inputs, targets), each [local_batch_size, seq_len]."""
+        return _to_batch(self.shards, self.next_windows(), self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -206,10 +210,18 @@ def eval_batches(
 
     The last batch holds fewer than ``batch_size`` rows when the split runs out of windows.
     """
+    for windows in eval_windows(shards, seq_len, batch_size, max_batches):
+        yield _to_batch(shards, windows, seq_len)
+
+
+def eval_windows(
+    shards: TokenShards, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[list[int]]:
+    """The window ids of each batch of ``eval_batches``."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     count = _check_fits(shards, seq_len)
     if max_batches is not None:
         count = min(count, max_batches * batch_size)
     for first in range(0, count, batch_size):
-        yield _to_batch(shards, list(range(first, min(first + batch_size, count))), seq_len)
+        yield list(range(first, min(first + batch_size, count)))

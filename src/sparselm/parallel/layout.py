@@ -52,6 +52,13 @@ def validate_parallel(cfg: Config) -> None:
         _check(p.tp == 1, f"parallel.ep={p.ep} with parallel.tp={p.tp} is not supported (choose one for the experts)")
         if p.dp_shard != -1:
             _check(p.dp_shard % p.ep == 0, f"parallel.dp_shard={p.dp_shard} is not divisible by parallel.ep={p.ep}")
+    if cfg.retro.enabled:
+        # Data parallelism and ZeRO apply to RETRO as to any model; the TP and EP plans know nothing of its encoder
+        # and cross-attention yet.
+        _check(
+            p.tp == 1 and p.ep == 1,
+            f"[retro] runs with data parallelism / ZeRO only, not parallel.tp={p.tp} / parallel.ep={p.ep}",
+        )
     if p.zero_stage == 1:
         _check(p.param_dtype == "fp32", "parallel.param_dtype=bf16 needs parallel.zero_stage 0, 2 or 3")
     if p.cpu_offload:

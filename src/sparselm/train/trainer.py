@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,35 @@ AfterBackward = Callable[[int, torch.nn.Module], None]
 def build_model(cfg: Config) -> Transformer:
     """The seeded single-device model, before any runtime lays it out."""
     torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe, cfg.retro)
+    if cfg.retro.enabled:
+        from sparselm.retro.training import prepare_model
+
+        prepare_model(model, cfg)  # RETRO-fitting: load the base decoder and freeze it
+    return model
+
+
+# Validation batches of a split: (shards, seq_len, batch_size, max_batches) -> batches as the sampler gives them.
+EvalBatches = Callable[[TokenShards, int, int, int | None], Iterator[tuple[torch.Tensor, ...]]]
+
+
+def data_source(cfg: Config, shards: TokenShards, runtime: Runtime) -> tuple[BatchSampler, EvalBatches]:
+    """This rank's training batches and the validation batches: (inputs, targets) windows, and for a ``[retro]``
+    model (inputs, targets, neighbours) with each window's retrieved neighbours."""
+    t = cfg.train
+    args = (shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size)
+    if not cfg.retro.enabled:
+        return BatchSampler(*args), eval_batches
+    from sparselm.retro.training import RetroBatchSampler, RetroData
+
+    retro = RetroData(cfg)
+    return RetroBatchSampler(retro, *args), retro.eval_batches
+
+
+def on_device(batch: tuple[torch.Tensor, ...], device: torch.device):
+    """(inputs, targets, neighbours or None) on ``device``."""
+    x, y, *neighbours = (b.to(device) for b in batch)
+    return x, y, (neighbours[0] if neighbours else None)
 
 
 @dataclass
@@ -62,21 +90,28 @@ class StepStats:
 
 
 def forward_backward(
-    model: Transformer, cfg: Config, x: torch.Tensor, y: torch.Tensor, micro_steps: int, runtime: Runtime
+    model: Transformer,
+    cfg: Config,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_steps: int,
+    runtime: Runtime,
+    neighbours: torch.Tensor | None = None,
 ) -> StepStats:
     """Accumulate gradients of ``LM loss + aux_coef * aux + z_coef * z`` over ``micro_steps`` equal micro-batches.
 
     Each micro-batch's objective is divided by ``micro_steps`` so the gradient equals that of the mean over the
     global batch (data parallelism then averages over ranks); the MoE losses are computed per micro-batch, as each
-    micro-batch is routed on its own, whatever the layout.
+    micro-batch is routed on its own, whatever the layout. ``neighbours`` (RETRO) are split with the rows.
     """
     loss_sum, aux_sum, z_sum, dropped = 0.0, 0.0, 0.0, 0
     per_expert: list[torch.Tensor] = []
-    chunks = list(zip(x.chunk(micro_steps), y.chunk(micro_steps), strict=True))
-    for i, (xm, ym) in enumerate(chunks):
+    retrieved = neighbours.chunk(micro_steps) if neighbours is not None else [None] * micro_steps
+    chunks = list(zip(x.chunk(micro_steps), y.chunk(micro_steps), retrieved, strict=True))
+    for i, (xm, ym, nm) in enumerate(chunks):
         runtime.before_micro_batch(model, i, len(chunks))
         with autocast(cfg.train.precision, xm.device):
-            out = model(xm, ym)
+            out = model(xm, ym, neighbours=nm)
             objective = out.loss + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
         (objective / micro_steps).backward()
         loss_sum += out.loss.item()
@@ -90,17 +125,18 @@ def forward_backward(
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, cfg: Config, shards: TokenShards) -> float:
-    """Mean validation loss over the first ``train.eval_batches`` fixed batches (token-weighted)."""
+def evaluate(model: Transformer, cfg: Config, shards: TokenShards, batches: EvalBatches = eval_batches) -> float:
+    """Mean validation loss over the first ``train.eval_batches`` fixed batches (token-weighted); ``batches`` is
+    the data source's validation batches (``data_source``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     # In a parallel job every rank scores the same batches (collectives need every rank), so all agree.
-    for x, y in eval_batches(shards, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
-        x, y = x.to(device), y.to(device)
+    for batch in batches(shards, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches):
+        x, y, neighbours = on_device(batch, device)
         with autocast(cfg.train.precision, device):
-            out = model(x, y)
+            out = model(x, y, neighbours=neighbours)
         total += out.loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
@@ -183,9 +219,7 @@ class _Run:
         fresh_optimizer_at = info.step if info is not None and not info.has_optimizer_state else 0
         self.optimizer, self.scheduler = runtime.build_optimizer(self.model, fresh_optimizer_at)
         t = cfg.train
-        self.sampler = BatchSampler(
-            self.train_shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size
-        )
+        self.sampler, self.eval_batches = data_source(cfg, self.train_shards, runtime)
         self.start_step = 0
         if existing is not None:
             state = load_training_state(existing, self.model, self.optimizer, self.scheduler, runtime)
@@ -207,7 +241,7 @@ class _Run:
         self.micro_steps = t.global_batch_size // (runtime.dp_size * t.micro_batch_size)
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
         self.train_flops = flops_per_token(cfg, cfg.data.seq_len).train_causal  # MFU: causal attention
-        self.num_moe = len(cfg.moe.layer_indices(cfg.model.n_layers))
+        self.num_moe = len(cfg.moe.layer_indices(cfg.model.n_layers)) + len(cfg.retro.encoder_moe_layers(cfg.moe))
         self.window = _Window(self.num_moe, cfg.moe.num_experts)
         self.train_seconds = 0.0  # wall time of training steps in this process (evaluation and checkpoints excluded)
         self.bad_streak = 0
@@ -226,9 +260,9 @@ class _Run:
             for step in bar:
                 step_start = time.perf_counter()
                 runtime.seed_step(step)
-                x, y = (b.to(runtime.device) for b in self.sampler.next_batch())
+                x, y, neighbours = on_device(self.sampler.next_batch(), runtime.device)
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = forward_backward(self.model, cfg, x, y, self.micro_steps, runtime)
+                stats = forward_backward(self.model, cfg, x, y, self.micro_steps, runtime, neighbours)
                 if after_backward is not None:
                     after_backward(step, self.model)
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -311,7 +345,7 @@ class _Run:
         w.restart()
 
     def _validate(self, done: int, result: TrainResult) -> None:
-        val = evaluate(self.model, self.cfg, self.val_shards)
+        val = evaluate(self.model, self.cfg, self.val_shards, self.eval_batches)
         result.val_losses.append((done, val))
         ppl = math.exp(min(val, 50.0))
         self.logger.log(
