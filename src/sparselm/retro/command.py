@@ -137,6 +137,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         data=data,
         out=Path(args.out),
         report=Path(args.report) if args.report else None,
+        other=[Path(p) for p in args.other],
         quick=args.quick,
         threads=args.threads,
         precision=args.precision,
@@ -211,6 +212,12 @@ def add_retro_verbs(verbs) -> None:
 
     p = sub.add_parser("experiment", help="baseline vs RETRO (dense and MoE): bits per byte, report")
     p.add_argument("--data", action="append", default=[], help="text folder(s) (default ../shared/data/corpus)")
+    p.add_argument(
+        "--other",
+        action="append",
+        default=[],
+        help="text folder(s) of the database that excludes the training set (default ../shared/data/gutenberg-nltk)",
+    )
     p.add_argument("--out", default="runs/retro", help="experiment directory")
     p.add_argument("--report", help="report path (default OUT/retro.md)")
     p.add_argument("--quick", action="store_true", help="small data and models: the whole pipeline in minutes")

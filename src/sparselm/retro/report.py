@@ -1,0 +1,285 @@
+"""The RETRO experiment's results (``results.json``) and report (Markdown + PNG plots), every verdict derived from
+the numbers: the first lines say what was found, whichever way it came out."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparselm.retro.evaluate import OVERLAP_BUCKETS, bits_per_byte, bootstrap_difference, served_mask
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]
+
+
+def collect(opts, shards: Path, dbs: dict[str, Path], runs: dict[str, Path], evals: dict, seconds: dict) -> dict:
+    from sparselm.checkpoint.files import load_config_from_checkpoint
+    from sparselm.experiment.moe_vs_dense import machine_description
+    from sparselm.params.counting import count_params
+    from sparselm.retro.evaluate import eval_windows
+    from sparselm.retro.experiment import eval_key, tokens_per_run
+    from sparselm.retro.store import Database
+
+    s = opts.scale
+    meta = json.loads((shards / "meta.json").read_text())
+    databases = {}
+    for name, path in dbs.items():
+        db = Database(path, verify=False)
+        databases[name] = {
+            "chunks": db.size,
+            "tokens": db.size * db.chunk_size,
+            "index": db.meta["index"]["kind"],
+            "includes_training_set": any(src.data_dir == str(shards) and src.split == "train" for src in db.sources),
+            "build": db.meta["build"],
+        }
+    models = {}
+    for name, run in runs.items():
+        cfg = load_config_from_checkpoint(run)
+        counts = count_params(cfg)
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        speeds = [m["tokens_per_sec"] for m in metrics if "tokens_per_sec" in m]
+        models[name] = {
+            "params": counts.total,
+            "retro_params": counts.breakdown.get("retro_cca", 0) + counts.breakdown.get("retro_encoder", 0),
+            "steps": cfg.train.max_steps,
+            "tokens": cfg.train.max_steps * cfg.train.global_batch_size * cfg.data.seq_len,
+            "trainable": "encoder + cross-attention" if cfg.retro.freeze_base else "all",
+            "final_train_loss": next((m["loss"] for m in reversed(metrics) if "loss" in m), None),
+            "tokens_per_sec": float(np.median(speeds)) if speeds else None,
+        }
+    ev = eval_windows(shards, "val", s.seq_len, s.eval_windows)
+    nll_dir = opts.out / "nll"
+
+    def nll(run: str, db: str | None, k: int, shuffle: bool = False) -> np.ndarray:
+        return np.load(nll_dir / f"{eval_key(run, db, k, shuffle).replace('|', '__')}.npy")
+
+    analysis: dict[str, Any] = {"leakage": {}, "intervals": {}}
+    for kind in ("dense", "moe"):
+        base, retro = nll(f"{kind}-base-s1", None, 0), nll(f"{kind}-retro-s1", "db100", 2)
+        overlap = np.load(nll_dir / f"{eval_key(f'{kind}-retro-s1', 'db100', 2, False).replace('|', '__')}.overlap.npy")
+        rows = []
+        for limit in OVERLAP_BUCKETS:
+            mask = served_mask(ev, 64, overlap, limit)
+            rows.append(
+                {
+                    "max_overlap": limit,
+                    "chunks": int((overlap <= limit).sum()),
+                    "baseline": bits_per_byte(base, ev.target_bytes, mask),
+                    "retro": bits_per_byte(retro, ev.target_bytes, mask),
+                }
+            )
+        analysis["leakage"][kind] = rows
+        analysis["intervals"][kind] = bootstrap_difference(retro, base, ev.target_bytes)
+    return {
+        "command": opts.command,
+        "quick": opts.quick,
+        "machine": {**machine_description(), "flags": _cpu_flags(), "platform": platform.platform()},
+        "seconds": seconds,
+        "scale": {**vars(s)},
+        "tokens_per_run": tokens_per_run(s),
+        "dataset": {
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            "train_documents": meta["splits"]["train"]["documents"],
+            "val_tokens": meta["splits"]["val"]["tokens"],
+            "val_documents": meta["splits"]["val"]["documents"],
+            "eval": evals.get("_windows"),
+        },
+        "databases": databases,
+        "models": models,
+        "evals": {k: v for k, v in evals.items() if not k.startswith("_")},
+        "analysis": analysis,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ report
+def bpb(results: dict, run: str, db: str | None = None, k: int = 0, shuffled: bool = False) -> float:
+    from sparselm.retro.experiment import eval_key
+
+    return results["evals"][eval_key(run, db, k, shuffled)]["bpb"]
+
+
+def findings(r: dict) -> list[str]:
+    """The verdicts, each from the numbers."""
+    lines = []
+    for kind, label in (("dense", "dense"), ("moe", "MoE")):
+        seeds = ("s1", "s2") if kind == "dense" else ("s1",)
+        base = [bpb(r, f"{kind}-base-{s}") for s in seeds]
+        retro = [bpb(r, f"{kind}-retro-{s}", "db100", 2) for s in seeds]
+        gain = float(np.mean(base) - np.mean(retro))
+        low, high = r["analysis"]["intervals"][kind]
+        noise = max(max(base) - min(base), max(retro) - min(retro)) if len(seeds) > 1 else None
+        beyond = noise is not None and gain > noise and high < 0
+        sizes = [bpb(r, f"{kind}-retro-s1", db, 2) for db in ("db10", "db30", "db100")]
+        falling = sizes[0] > sizes[1] > sizes[2]
+        shuffled = bpb(r, f"{kind}-retro-s1", "db100", 2, True)
+        off = bpb(r, f"{kind}-retro-s1")
+        fit = bpb(r, f"{kind}-fit", "db100", 2)
+        fit_gain = bpb(r, f"{kind}-base-s1") - fit
+        verdict = "below" if gain > 0 else "above"
+        lines.append(
+            f"- **{label}: RETRO with retrieval is {abs(gain):.4f} bits/byte {verdict} the baseline** "
+            f"({np.mean(retro):.4f} vs {np.mean(base):.4f}, mean of {len(seeds)} seed(s); 95% bootstrap interval of "
+            f"seed 1's difference over evaluation windows [{low:+.4f}, {high:+.4f}])"
+            + (
+                f"; seed noise (largest spread between the two seeds) {noise:.4f}: the gain is "
+                f"{'beyond' if beyond else 'not beyond'} seed noise."
+                if noise is not None
+                else "."
+            )
+        )
+        lines.append(
+            f"  Database size: {sizes[0]:.4f} / {sizes[1]:.4f} / {sizes[2]:.4f} bits/byte at 10% / 30% / 100% of the "
+            f"training set: {'falling as the database grows' if falling else 'not falling monotonically'}. "
+            f"Shuffled neighbours: {shuffled:.4f} ({shuffled - off:+.4f} against the same model without retrieval, "
+            f"{'no gain' if shuffled >= off - 0.002 else 'a gain: the model benefits from any text'}). "
+            f"RETRO-fit (frozen base, {r['models'][f'{kind}-fit']['steps']} steps): {fit:.4f} "
+            f"({fit_gain:+.4f} against its base; RETRO from scratch {bpb(r, f'{kind}-base-s1') - retro[0]:+.4f})."
+        )
+    leak = r["analysis"]["leakage"]["dense"][0]
+    lines.append(
+        f"- Leakage: on the {leak['chunks']} evaluation chunks that share at most 12.5% of their tokens with their "
+        f"neighbours, dense RETRO scores {leak['retro']:.4f} against the baseline's {leak['baseline']:.4f} "
+        f"({leak['baseline'] - leak['retro']:+.4f})."
+    )
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+    ]
+    return out + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _plot(results: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, color in (("dense", "C0"), ("moe", "C3")):
+        sizes = [results["databases"][db]["tokens"] for db in ("db10", "db30", "db100")]
+        values = [bpb(results, f"{kind}-retro-s1", db, 2) for db in ("db10", "db30", "db100")]
+        left.plot(sizes, values, "o-", color=color, label=f"{kind} RETRO (k=2)")
+        left.axhline(bpb(results, f"{kind}-base-s1"), color=color, linestyle=":", label=f"{kind} baseline")
+        ks = [1, 2, 4, 10]
+        right.plot(ks, [bpb(results, f"{kind}-retro-s1", "db100", k) for k in ks], "o-", color=color, label=kind)
+        right.axhline(bpb(results, f"{kind}-base-s1"), color=color, linestyle=":")
+    left.set_xscale("log")
+    left.set_xlabel("database tokens")
+    left.set_ylabel("bits per byte (held-out documents)")
+    left.legend(fontsize=8)
+    right.set_xlabel("neighbours at evaluation (trained with 2)")
+    right.set_xscale("log")
+    right.set_xticks([1, 2, 4, 10], ["1", "2", "4", "10"])
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render(r: dict, plot: Path | None, report: Path) -> str:
+    s, d, m = r["scale"], r["dataset"], r["machine"]
+    lines = ["# RETRO at laptop scale: retrieval from a chunk database, dense and MoE decoders", ""]
+    lines += ["Generated by `sparselm retro experiment` from `results.json`; every figure comes from that run.", ""]
+    lines += ["## What was found", "", *findings(r), ""]
+    lines += [
+        "## Setup",
+        "",
+        f"- **Command**: `{r['command']}`" + (" (--quick: a pipeline check, not a result)" if r["quick"] else ""),
+        f"- **Machine**: {m['cpu']} ({', '.join(m['flags']) or 'no bf16 flags'}), {m['cores']} cores, "
+        f"{m['memory_gib']} GiB, torch {m['torch']}, {m['torch_threads']} threads",
+        "- **Wall time**: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["seconds"].items())
+        + f"; {sum(r['seconds'].values()) / 60:.1f} min in all (summed over invocations)",
+        f"- **Data**: {d['train_tokens']:,} training tokens ({d['train_documents']} documents), held-out "
+        f"{d['val_tokens']:,} tokens ({d['val_documents']} documents, by document); evaluation on "
+        f"{d['eval']['count']} evenly spaced windows of {s['seq_len']} tokens ({d['eval']['tokens']:,} tokens, "
+        f"{d['eval']['bytes']:,} bytes)",
+        f"- **Models**: d_model {s['d_model']}, {s['n_layers']} layers, chunked cross-attention from layer "
+        f"{s['cca_start']} every 3rd; encoder 2 layers of width {s['encoder_d_model']}; chunks of 64 tokens, "
+        f"k = 2 neighbours (chunk + continuation, 128 tokens) in training; MoE: {s['experts']} experts, top-2, "
+        f"every 2nd layer (and the encoder's 2nd); {r['tokens_per_run']:,} training tokens per run "
+        f"({s['steps']} steps of {s['batch']} x {s['seq_len']}), the same batches for baseline and RETRO",
+        "",
+        "## Bits per byte against the database",
+        "",
+    ]
+    rows = []
+    dbs = r["databases"]
+    for run in [k for k in r["models"] if "base" not in k]:
+        row = [run, f"{bpb(r, run):.4f}"]
+        for db in ("db10", "db30", "db100", "other"):
+            key = f"{run}|{db}|k2"
+            row.append(f"{r['evals'][key]['bpb']:.4f}" if key in r["evals"] else "")
+        rows.append(row)
+    for run in [k for k in r["models"] if "base" in k]:
+        rows.append([run, f"{bpb(r, run):.4f}", "", "", "", ""])
+    header = ["model", "no retrieval"] + [
+        f"{db} ({dbs[db]['tokens'] / 1e6:.2f}M tokens{', excl. training set' if db == 'other' else ''})"
+        for db in ("db10", "db30", "db100", "other")
+    ]
+    lines += _table(header, rows)
+    if plot is not None:
+        lines += ["", f"![bits per byte vs database size and neighbours]({Path(plot).relative_to(report.parent)})"]
+    lines += ["", "## Neighbours at evaluation (trained with k = 2, database db100)", ""]
+    lines += _table(
+        ["model", "k=1", "k=2", "k=4", "k=10", "shuffled (k=2)"],
+        [
+            [run, *(f"{bpb(r, run, 'db100', k):.4f}" for k in (1, 2, 4, 10)), f"{bpb(r, run, 'db100', 2, True):.4f}"]
+            for run in ("dense-retro-s1", "moe-retro-s1")
+        ],
+    )
+    lines += ["", "## Leakage: bits per byte over chunks by overlap with their neighbours (db100, k = 2)", ""]
+    leak_rows = []
+    for kind, rows_ in r["analysis"]["leakage"].items():
+        for row in rows_:
+            leak_rows.append(
+                [kind, f"<= {row['max_overlap']:.1%}", str(row["chunks"]), f"{row['baseline']:.4f}",
+                 f"{row['retro']:.4f}", f"{row['baseline'] - row['retro']:+.4f}"]
+            )  # fmt: skip
+    lines += _table(["decoder", "overlap", "chunks", "baseline", "RETRO", "gain"], leak_rows)
+    lines += ["", "## Models and training", ""]
+    lines += _table(
+        ["run", "params", "RETRO params", "trained", "steps", "final train loss", "tokens/s"],
+        [
+            [name, f"{v['params']:,}", f"{v['retro_params']:,}", v["trainable"], str(v["steps"]),
+             f"{v['final_train_loss']:.3f}", f"{v['tokens_per_sec']:,.0f}" if v["tokens_per_sec"] else ""]
+            for name, v in r["models"].items()
+        ],
+    )  # fmt: skip
+    lines += ["", "## Databases", ""]
+    lines += _table(
+        ["database", "chunks", "tokens", "index", "key encoding", "build (chunks / index)"],
+        [
+            [name, f"{v['chunks']:,}", f"{v['tokens']:,}", v["index"],
+             f"{v['build']['chunks_per_second']:,.0f} chunks/s" if v["build"]["chunks_per_second"] else "copied",
+             f"{v['build']['chunk_seconds']:.0f} s / {v['build']['index_seconds']:.0f} s"]
+            for name, v in dbs.items()
+        ],
+    )  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, report: Path) -> Path:
+    report.parent.mkdir(parents=True, exist_ok=True)
+    plot = _plot(results, report.parent / report.stem / "bpb.png")
+    report.write_text(render(results, plot, report), encoding="utf-8")
+    return report
