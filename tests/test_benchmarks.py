@@ -140,3 +140,11 @@ def test_moe_layer_benchmark_checks_hf_reproduces_our_layer() -> None:
         assert roof["moe_bytes"] > roof["dense_bytes"]  # 8 experts' weights against one FFN's
         if row["dtype"] == "bf16":
             assert row["hf_best_impl"] == "eager"
+
+
+def test_retro_benchmark_smallest_setting() -> None:
+    args = ["--batch", "1", "--seq-len", "128", "--repeats", "1", "--precision", "fp32", "--key-batches", "0"]
+    rows = _run("retro.py", *args, "--no-wait")
+    steps = [r for r in rows if "decoder" in r]
+    assert [r["decoder"].split()[0] for r in steps] == ["dense", "MoE"]
+    assert all(r["params_retro"] > r["params_plain"] and r["ms_retro"] > 0 and r["ms_plain"] > 0 for r in steps)
