@@ -195,7 +195,7 @@ def _kill(kill: dict):
 def worker_main(spec_path: str) -> None:
     import torch.distributed as dist
 
-    from sparselm.train.trainer import train
+    from sparselm.retro.training import train  # the trainer; a [retro] config trains with its neighbours
 
     spec = json.loads(Path(spec_path).read_text())
     dist.init_process_group("gloo", timeout=timedelta(minutes=3))  # fail, rather than hang, if a peer is lost

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sparselm.experiment.retro import K_EVAL, eval_key, eval_plan
+from sparselm.experiment.retro_report import findings
 from sparselm.retro.evaluate import (
     EvalWindows,
     bits_per_byte,
@@ -20,8 +22,6 @@ from sparselm.retro.evaluate import (
     shuffled,
     window_neighbour_ids,
 )
-from sparselm.retro.experiment import K_EVAL, eval_key, eval_plan
-from sparselm.retro.report import findings
 
 
 def brute_longest_run(a: list[int], b: list[int]) -> int:

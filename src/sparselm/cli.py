@@ -78,7 +78,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sparselm.config import load_config
-    from sparselm.train.trainer import train
+    from sparselm.retro.training import train  # the trainer, with neighbours for a [retro] config
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, args.out, resume=args.resume)
@@ -144,7 +144,9 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_ppl(args: argparse.Namespace) -> int:
     from sparselm.eval.loglik import Scorer
     from sparselm.eval.perplexity import perplexity_of_split, perplexity_of_text
+    from sparselm.retro.command import check_retro_args
 
+    check_retro_args(args)
     model, cfg, tokenizer = _load(args.ckpt)
     if args.retro_db:
         from sparselm.checkpoint.files import resolve_checkpoint
@@ -175,7 +177,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparselm.eval.command import run
+    from sparselm.retro.command import check_retro_args
 
+    check_retro_args(args)
+    if args.retro_db:
+        from sparselm.retro.scoring import retro_scorer
+
+        return run(args, retro_scorer(args.retro_db, args.retro_k), {"retro_db": args.retro_db})
     return run(args)
 
 
@@ -275,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("eval", help="evaluate checkpoints on LAMBADA, PIQA, ... and compare them")
     add_arguments(p)
+    add_retro_db_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     from sparselm.serve.command import add_arguments as add_serve_arguments  # argparse only: keeps --help instant
@@ -287,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = verbs.add_parser("experiment", help="reproducible experiments").add_subparsers(dest="name", required=True)
     add_experiment_arguments(exp)
+
 
     from sparselm.plan.command import add_arguments as add_plan_arguments  # argparse only: keeps --help instant
 

@@ -325,9 +325,9 @@ def _load_single_into_parallel(ckpt: Path, model: nn.Module, optimizer: Any, sch
     with torch.device("meta"):
         plain = Transformer(cfg.model, cfg.moe, cfg.retro)
     if cfg.retro.freeze_base:  # RETRO-fitting: the optimizer holds only the retrieval parameters
-        from sparselm.retro.training import freeze_base
+        from sparselm.model.retro import freeze_decoder
 
-        freeze_base(plain)
+        freeze_decoder(plain)
     names = {id(p): n for n, p in plain.named_parameters()}
     groups = build_optimizer(plain, cfg.optim).param_groups
     named = _sharded().named_optimizer_state(state["optimizer"], [[names[id(p)] for p in g["params"]] for g in groups])

@@ -39,12 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="compare evaluated checkpoints (run dirs or results JSON files): one table and a bar plot (PNG)",
     )
     p.add_argument("--list", action="store_true", help="list the built-in tasks")
-    from sparselm.retro.command import add_retro_db_arguments
-
-    add_retro_db_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, make_scorer=None, extra_meta: dict | None = None) -> int:
+    """``make_scorer`` and ``extra_meta``: see ``run_eval`` (the CLI passes RETRO's for ``--retro-db``)."""
     if args.list:
         from sparselm.eval.tasks import builtin_tasks, load_task
 
@@ -77,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         stride=args.stride,
         out_dir=args.out,
         progress=not args.no_progress,
-        retro_db=args.retro_db,
-        retro_k=args.retro_k,
+        make_scorer=make_scorer,
+        extra_meta=extra_meta,
     )
     if args.json:
         print(json.dumps(json.loads(json_path.read_text(encoding="utf-8"))))

@@ -13,6 +13,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,11 +207,12 @@ def run_eval(
     stride: int = 0,
     out_dir: str | Path | None = None,
     progress: bool = True,
-    retro_db: str | Path | None = None,
-    retro_k: int = 0,
+    make_scorer: Callable[..., Scorer] | None = None,
+    extra_meta: dict | None = None,
 ) -> tuple[list[TaskResult], dict, tuple[Path, Path]]:
     """Load a checkpoint, score every task, write JSON + Markdown. Returns (results, meta, (json, md) paths).
-    ``retro_db``: a RETRO model retrieves from this database (k = ``retro_k``, default the model's)."""
+    ``make_scorer(model, tokenizer, ckpt_dir, batch_size=, precision=)`` builds another scorer than ``Scorer``
+    (RETRO's retrieves while scoring); ``extra_meta`` goes into the results' meta."""
     from datetime import UTC, datetime
 
     from sparselm.checkpoint.files import resolve_checkpoint
@@ -225,11 +227,8 @@ def run_eval(
     data = resolve_data_dir(data_dir)
     ckpt_dir = resolve_checkpoint(ckpt)
     model, _, tokenizer = load_checkpoint(ckpt_dir)
-    if retro_db is not None:
-        from sparselm.retro.scoring import RetroScorer, open_retriever
-
-        retriever = open_retriever(model, ckpt_dir / "tokenizer.model", retro_db, retro_k)
-        scorer = RetroScorer(model, tokenizer, retriever, batch_size=batch_size, precision=precision)
+    if make_scorer is not None:
+        scorer = make_scorer(model, tokenizer, ckpt_dir, batch_size=batch_size, precision=precision)
     else:
         scorer = Scorer(model, tokenizer, batch_size=batch_size, precision=precision)
     results = [evaluate_task(scorer, s, data, shots, limit, seed, stride, progress) for s in specs]
@@ -249,8 +248,7 @@ def run_eval(
         "data_dir": str(data),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if retro_db is not None:
-        meta["retro_db"] = str(retro_db)
+    meta.update(extra_meta or {})
     paths = write_reports(results, out_dir or default_out_dir(ckpt_dir), meta)
     return results, meta, paths
 

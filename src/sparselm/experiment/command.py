@@ -72,6 +72,17 @@ def add_arguments(exp: argparse._SubParsersAction) -> None:
                    "auto: bf16 where this machine computes it natively, else fp32)")  # fmt: skip
     p.set_defaults(func=run)
 
+    p = exp.add_parser("retro", help="baseline vs RETRO (dense and MoE): bits per byte, report")
+    p.add_argument("--data", action="append", default=[], help="text folder(s) (default ../shared/data/corpus)")
+    p.add_argument("--other", action="append", default=[], help="text folder(s) of the database that excludes "
+                   "the training set (default ../shared/data/gutenberg-nltk)")  # fmt: skip
+    p.add_argument("--out", default="runs/retro", help="experiment directory")
+    p.add_argument("--report", help="report path (default OUT/retro.md)")
+    p.add_argument("--quick", action="store_true", help="small data and models: the whole pipeline in minutes")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
+    p.set_defaults(func=run_retro)
+
 
 def run(args: argparse.Namespace) -> int:
     import shlex
@@ -111,4 +122,24 @@ def run(args: argparse.Namespace) -> int:
     )
     results = run_experiment(opts)
     print(f"wrote {results['report']} (data and runs in {opts.out})")
+    return 0
+
+
+def run_retro(args: argparse.Namespace) -> int:
+    import shlex
+
+    from sparselm.experiment.retro import RetroExperiment, run_experiment
+
+    opts = RetroExperiment(
+        data=[Path(p) for p in args.data] or [Path("../shared/data/corpus")],
+        out=Path(args.out),
+        report=Path(args.report) if args.report else None,
+        other=[Path(p) for p in args.other],
+        quick=args.quick,
+        threads=args.threads,
+        precision=args.precision,
+        command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    result = run_experiment(opts)
+    print(f"wrote {result['report']} (data, databases and runs in {opts.out})")
     return 0

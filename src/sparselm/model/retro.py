@@ -168,3 +168,14 @@ def add_retrieval(model: nn.Module, retro: RetroConfig) -> NeighbourEncoder:
     for i in retro.cca_layers(model.cfg.n_layers):
         model.layers[i].cross = ChunkedCrossAttention(model.cfg, encoder.cfg.d_model, retro.chunk_size)
     return encoder
+
+
+def is_retrieval_parameter(name: str) -> bool:
+    """RETRO's own parameters: the neighbour encoder and the decoder's cross sublayers."""
+    return name.startswith("retro_encoder.") or ".cross." in f".{name}"
+
+
+def freeze_decoder(model: nn.Module) -> None:
+    """RETRO-fitting: only the retrieval parameters train."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_retrieval_parameter(name))

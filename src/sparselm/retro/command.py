@@ -127,30 +127,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
-    import shlex
-
-    from sparselm.retro.experiment import RetroExperiment, run_experiment
-
-    data = [Path(p) for p in args.data] or [Path("../shared/data/corpus")]
-    opts = RetroExperiment(
-        data=data,
-        out=Path(args.out),
-        report=Path(args.report) if args.report else None,
-        other=[Path(p) for p in args.other],
-        quick=args.quick,
-        threads=args.threads,
-        precision=args.precision,
-        command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    )
-    result = run_experiment(opts)
-    print(f"wrote {result['report']} (data, databases and runs in {opts.out})")
-    return 0
-
-
 def add_retro_verbs(verbs) -> None:
     """``sparselm retro <verb>``."""
-    retro = verbs.add_parser("retro", help="retrieval (RETRO): chunk databases, neighbours, generation, experiment")
+    retro = verbs.add_parser("retro", help="retrieval (RETRO): chunk databases, neighbours, generation")
     sub = retro.add_subparsers(dest="retro_verb", required=True)
 
     p = sub.add_parser("build-db", help="chunk prepared data, key it, index it, precompute training neighbours")
@@ -209,21 +188,6 @@ def add_retro_verbs(verbs) -> None:
     p.add_argument("--attribution", action="store_true", help="print each chunk's neighbours and their documents")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("experiment", help="baseline vs RETRO (dense and MoE): bits per byte, report")
-    p.add_argument("--data", action="append", default=[], help="text folder(s) (default ../shared/data/corpus)")
-    p.add_argument(
-        "--other",
-        action="append",
-        default=[],
-        help="text folder(s) of the database that excludes the training set (default ../shared/data/gutenberg-nltk)",
-    )
-    p.add_argument("--out", default="runs/retro", help="experiment directory")
-    p.add_argument("--report", help="report path (default OUT/retro.md)")
-    p.add_argument("--quick", action="store_true", help="small data and models: the whole pipeline in minutes")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.set_defaults(func=cmd_experiment)
 
 
 def add_retro_db_arguments(p: argparse.ArgumentParser) -> None:

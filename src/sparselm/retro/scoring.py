@@ -33,6 +33,16 @@ def open_retriever(model, tokenizer_path, db_path, k: int = 0, precision: str = 
     return Retriever(db, k or retro.neighbours, precision)
 
 
+def retro_scorer(db_path, k: int = 0):
+    """``make_scorer`` for ``eval.harness.run_eval``: a ``RetroScorer`` retrieving from ``db_path``."""
+
+    def make(model, tokenizer, ckpt_dir, **kwargs) -> RetroScorer:
+        retriever = open_retriever(model, ckpt_dir / "tokenizer.model", db_path, k)
+        return RetroScorer(model, tokenizer, retriever, **kwargs)
+
+    return make
+
+
 class RetroScorer(Scorer):
     def __init__(self, model, tokenizer, retriever: Retriever, **kwargs) -> None:
         super().__init__(model, tokenizer, **kwargs)

@@ -20,18 +20,11 @@ from torch import nn
 from sparselm.config import Config
 from sparselm.data.loader import BatchSampler, TokenShards, _to_batch, eval_windows
 from sparselm.errors import CheckpointError, ConfigError
+from sparselm.model.retro import freeze_decoder, is_retrieval_parameter
 from sparselm.retro.neighbours import load_neighbours
 from sparselm.retro.store import Database
-
-
-def is_retrieval_parameter(name: str) -> bool:
-    """RETRO's own parameters: the neighbour encoder and the decoder's cross sublayers."""
-    return name.startswith("retro_encoder.") or ".cross." in f".{name}"
-
-
-def freeze_base(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_retrieval_parameter(name))
+from sparselm.train.trainer import AfterBackward, DataSource, TrainResult
+from sparselm.train.trainer import train as train_plain
 
 
 def load_base(model: nn.Module, cfg: Config) -> None:
@@ -59,14 +52,6 @@ def load_base(model: nn.Module, cfg: Config) -> None:
             f"{ckpt}: weights do not match the decoder (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.load_state_dict(weights, strict=False)
-
-
-def prepare_model(model: nn.Module, cfg: Config) -> None:
-    """Load the base and freeze it, as ``[retro]`` says (nothing for a RETRO model trained from scratch)."""
-    if cfg.retro.init_from:
-        load_base(model, cfg)
-    if cfg.retro.freeze_base:
-        freeze_base(model)
 
 
 class RetroData:
@@ -108,3 +93,30 @@ class RetroBatchSampler(BatchSampler):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
         windows = self.next_windows()
         return (*_to_batch(self.shards, windows, self.seq_len), self.retro.neighbours("train", windows))
+
+
+class RetroSource(DataSource):
+    """The trainer's data source for a ``[retro]`` run: batches with neighbours, and RETRO-fitting (the base
+    decoder loaded from ``retro.init_from`` and, with ``retro.freeze_base``, frozen) before training starts."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.retro = RetroData(cfg)
+
+    def prepare(self, model):
+        if self.cfg.retro.init_from:
+            load_base(model, self.cfg)
+        if self.cfg.retro.freeze_base:
+            freeze_decoder(model)
+        return model
+
+    def sampler(self, shards: TokenShards, *args) -> RetroBatchSampler:
+        return RetroBatchSampler(self.retro, shards, *args)
+
+    def eval_batches(self, shards: TokenShards, seq_len: int, batch_size: int, max_batches: int | None) -> Iterator:
+        return self.retro.eval_batches(shards, seq_len, batch_size, max_batches)
+
+
+def train(cfg: Config, run_dir, resume: bool = False, after_backward: AfterBackward | None = None) -> TrainResult:
+    """``sparselm train`` for any config: a ``[retro]`` one trains with its neighbours."""
+    return train_plain(cfg, run_dir, resume, after_backward, RetroSource(cfg) if cfg.retro.enabled else None)

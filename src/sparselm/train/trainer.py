@@ -49,29 +49,26 @@ AfterBackward = Callable[[int, torch.nn.Module], None]
 def build_model(cfg: Config) -> Transformer:
     """The seeded single-device model, before any runtime lays it out."""
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, cfg.moe, cfg.retro)
-    if cfg.retro.enabled:
-        from sparselm.retro.training import prepare_model
-
-        prepare_model(model, cfg)  # RETRO-fitting: load the base decoder and freeze it
-    return model
+    return Transformer(cfg.model, cfg.moe, cfg.retro)
 
 
 # Validation batches of a split: (shards, seq_len, batch_size, max_batches) -> batches as the sampler gives them.
 EvalBatches = Callable[[TokenShards, int, int, int | None], Iterator[tuple[torch.Tensor, ...]]]
 
 
-def data_source(cfg: Config, shards: TokenShards, runtime: Runtime) -> tuple[BatchSampler, EvalBatches]:
-    """This rank's training batches and the validation batches: (inputs, targets) windows, and for a ``[retro]``
-    model (inputs, targets, neighbours) with each window's retrieved neighbours."""
-    t = cfg.train
-    args = (shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size)
-    if not cfg.retro.enabled:
-        return BatchSampler(*args), eval_batches
-    from sparselm.retro.training import RetroBatchSampler, RetroData
+class DataSource:
+    """Where a run's batches come from: (inputs, targets) token windows. A job that feeds the model more plugs in
+    a subclass (RETRO: ``sparselm.retro.training.RetroSource``, whose batches add each window's neighbours), and
+    may prepare the built model first (RETRO-fitting loads and freezes its base)."""
 
-    retro = RetroData(cfg)
-    return RetroBatchSampler(retro, *args), retro.eval_batches
+    def prepare(self, model: Transformer) -> Transformer:
+        return model
+
+    def sampler(self, shards: TokenShards, seq_len: int, global_batch_size: int, seed: int, rank: int, size: int):
+        return BatchSampler(shards, seq_len, global_batch_size, seed, rank, size)
+
+    def eval_batches(self, shards: TokenShards, seq_len: int, batch_size: int, max_batches: int | None):
+        return eval_batches(shards, seq_len, batch_size, max_batches)
 
 
 def on_device(batch: tuple[torch.Tensor, ...], device: torch.device):
@@ -127,7 +124,7 @@ def forward_backward(
 @torch.no_grad()
 def evaluate(model: Transformer, cfg: Config, shards: TokenShards, batches: EvalBatches = eval_batches) -> float:
     """Mean validation loss over the first ``train.eval_batches`` fixed batches (token-weighted); ``batches`` is
-    the data source's validation batches (``data_source``)."""
+    the data source's ``eval_batches``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -146,14 +143,23 @@ def evaluate(model: Transformer, cfg: Config, shards: TokenShards, batches: Eval
 
 
 def train(
-    cfg: Config, run_dir: str | Path, resume: bool = False, after_backward: AfterBackward | None = None
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    after_backward: AfterBackward | None = None,
+    source: DataSource | None = None,
 ) -> TrainResult:
     """Train (or continue) a run. Under torchrun this joins the job's process group, lays the model out as
-    ``[parallel]`` says and leaves the group at the end."""
+    ``[parallel]`` says and leaves the group at the end. ``source``: where batches come from (default: plain
+    token windows)."""
+    if cfg.retro.enabled and source is None:
+        raise ConfigError(
+            "a [retro] config trains with its neighbours: run `sparselm train` (or sparselm.retro.training.train)"
+        )
     validate(cfg, require_data=True)
     runtime = create_runtime(cfg)
     try:
-        result = _Run(cfg, Path(run_dir), runtime, resume).train(after_backward)
+        result = _Run(cfg, Path(run_dir), runtime, resume, source or DataSource()).train(after_backward)
     except BaseException:
         runtime.close(clean=False)
         raise
@@ -194,7 +200,7 @@ class _Window:
 class _Run:
     """One call of ``train``: everything set up before the first step, then the loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, resume: bool) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, resume: bool, source: DataSource) -> None:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)  # before the precision check, which times matmuls
         self.runtime = runtime
@@ -214,12 +220,15 @@ class _Run:
         # Measured before the model is built so that it cannot disturb the seeded RNG stream.
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.peak = cfg.logging.peak_flops or (measure_matmul_flops(dtype) if runtime.is_main else 1.0)
-        self.model = runtime.parallelize(build_model(cfg).to(runtime.device))
+        self.model = runtime.parallelize(source.prepare(build_model(cfg)).to(runtime.device))
         self.model.train()
         fresh_optimizer_at = info.step if info is not None and not info.has_optimizer_state else 0
         self.optimizer, self.scheduler = runtime.build_optimizer(self.model, fresh_optimizer_at)
         t = cfg.train
-        self.sampler, self.eval_batches = data_source(cfg, self.train_shards, runtime)
+        self.sampler = source.sampler(
+            self.train_shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size
+        )
+        self.eval_batches = source.eval_batches
         self.start_step = 0
         if existing is not None:
             state = load_training_state(existing, self.model, self.optimizer, self.scheduler, runtime)

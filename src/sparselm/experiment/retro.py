@@ -1,4 +1,4 @@
-"""``sparselm retro experiment``: baselines and RETRO models (dense and MoE) on the same tokens, bits per byte of
+"""``sparselm experiment retro``: baselines and RETRO models (dense and MoE) on the same tokens, bits per byte of
 held-out documents with and without retrieval, database size, neighbours, leakage, controls; then the report.
 
 Stages, each restartable (a rerun with the same ``--out`` skips what is done and resumes a half-trained run):
@@ -99,7 +99,7 @@ def run_experiment(opts: RetroExperiment) -> dict[str, Any]:
         runs = _train_all(opts, shards, dbs["db100"])
     with clock("evaluation"):
         evals = _evaluate_all(opts, shards, dbs, runs)
-    from sparselm.retro.report import collect, write_report
+    from sparselm.experiment.retro_report import collect, write_report
 
     results = collect(opts, shards, dbs, runs, evals, clock.seconds)
     (opts.out / "results.json").write_text(json.dumps(results, indent=1))
