@@ -210,7 +210,7 @@ def run_specs(opts: RetroExperiment, shards: Path, db: Path) -> dict[str, list[s
 
 def _train_all(opts: RetroExperiment, shards: Path, db: Path) -> dict[str, Path]:
     from sparselm.config import load_config
-    from sparselm.train.trainer import train
+    from sparselm.retro.training import train  # the trainer, with neighbours for the [retro] runs
 
     runs = {}
     for name, overrides in run_specs(opts, shards, db).items():
