@@ -297,7 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     exp = verbs.add_parser("experiment", help="reproducible experiments").add_subparsers(dest="name", required=True)
     add_experiment_arguments(exp)
 
-
     from sparselm.plan.command import add_arguments as add_plan_arguments  # argparse only: keeps --help instant
 
     p = verbs.add_parser(
