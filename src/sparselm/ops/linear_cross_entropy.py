@@ -57,10 +57,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(cd)
             valid = targets != ignore_index
-            count = int(valid.sum())
+            count = valid.sum()  # a tensor: no host sync, and values need not be known (sparselm plan's fake ranks)
             safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)
             # Each valid row's share of the mean (0 for ignored rows, whose gradient is zero).
-            scale = valid.to(torch.float32) / max(count, 1)
+            scale = valid.to(torch.float32) / count.clamp(min=1)
             row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
             dx = torch.empty_like(x) if want_dx else None
             dw = None
@@ -91,9 +91,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy computes its gradients once; backward ran a second time")
         dx, dw = ctx.grads
         ctx.grads = None  # handed over: autograd may adopt them as .grad without copying
-        if not bool(grad_loss == 1):
-            dx = dx * grad_loss.to(dx.dtype) if dx is not None else None
-            dw = dw * grad_loss.to(dw.dtype) if dw is not None else None
+        # Always scaled (by 1.0 in training: exact), never branched on the value, which would need a host sync.
+        if dx is not None:
+            dx.mul_(grad_loss.to(dx.dtype))
+        if dw is not None:
+            dw.mul_(grad_loss.to(dw.dtype))
         return dx, dw, None, None, None, None
 
 
