@@ -80,3 +80,12 @@ def test_no_torch_distributed_in(package: str) -> None:
     for path in sorted((PACKAGE / package).rglob("*.py")):
         for name, line in _imports(path):
             assert not name.startswith("torch.distributed"), f"{path.relative_to(PACKAGE)}:{line} imports {name}"
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.glob("*.py")), ids=lambda p: p.name)
+def test_tests_use_only_public_names(path: Path) -> None:
+    """Tests go through the interfaces: a private name of sparselm imported by a test pins an implementation."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparselm"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{path.name}:{node.lineno} imports {private} from {node.module}"
