@@ -13,11 +13,12 @@ import pytest
 from sparselm.cli import main
 from sparselm.data.loader import TokenShards
 from sparselm.data.tokenizer import Tokenizer
+from sparselm.errors import DatabaseError
 from sparselm.retro import keys as retro_keys
 from sparselm.retro.build import BuildOptions, build_database
 from sparselm.retro.chunks import iter_chunks, token_byte_lengths
 from sparselm.retro.neighbours import load_neighbours, precompute_neighbours, query_chunks
-from sparselm.retro.store import Database, DatabaseError, source_of
+from sparselm.retro.store import Database, source_of
 
 M = 32
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparselm.experiment.retro import K_EVAL, eval_key, eval_plan
-from sparselm.experiment.retro_report import findings
+from sparselm.experiment.retro import K_EVAL, eval_plan
+from sparselm.experiment.retro_report import eval_key, findings
 from sparselm.retro.evaluate import (
     EvalWindows,
     bits_per_byte,

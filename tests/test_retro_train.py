@@ -14,11 +14,10 @@ import torch
 from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.cli import main
 from sparselm.config import Config, apply_overrides, load_config
-from sparselm.errors import ConfigError
+from sparselm.errors import ConfigError, DatabaseError
 from sparselm.model.retro import is_retrieval_parameter
 from sparselm.parallel.layout import validate_parallel
 from sparselm.retro.build import BuildOptions, build_database
-from sparselm.retro.store import DatabaseError
 from sparselm.retro.training import train
 from test_parallel_train import torchrun, train_task
 

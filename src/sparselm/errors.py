@@ -25,3 +25,7 @@ class TrainingStopped(RuntimeError):
 
 # Set SPARSELM_DEBUG=1 to get the full traceback instead.
 USER_ERRORS: tuple[type[BaseException], ...] = (InputError, CheckpointError, TrainingStopped, FileNotFoundError)
+
+
+class DatabaseError(InputError):
+    """A retrieval database (or neighbour table) is missing, corrupt, unfinished or does not fit the model."""

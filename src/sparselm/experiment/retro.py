@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from sparselm.errors import InputError
+from sparselm.experiment.retro_report import collect, eval_key, write_report
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,6 @@ def run_experiment(opts: RetroExperiment) -> dict[str, Any]:
         runs = _train_all(opts, shards, dbs["db100"])
     with clock("evaluation"):
         evals = _evaluate_all(opts, shards, dbs, runs)
-    from sparselm.experiment.retro_report import collect, write_report
 
     results = collect(opts, shards, dbs, runs, evals, clock.seconds)
     (opts.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -239,10 +239,6 @@ def eval_plan() -> list[tuple[str, str | None, int, bool]]:
     return plan
 
 
-def eval_key(run: str, db: str | None, k: int, shuffle: bool) -> str:
-    return f"{run}|{db or 'none'}|k{k}" + ("|shuffled" if shuffle else "")
-
-
 def _evaluate_all(opts: RetroExperiment, shards: Path, dbs: dict[str, Path], runs: dict[str, Path]) -> dict:
     from sparselm.checkpoint.inference import load_checkpoint
     from sparselm.precision import resolve_precision
@@ -305,7 +301,3 @@ def _evaluate_all(opts: RetroExperiment, shards: Path, dbs: dict[str, Path], run
         "bytes": int(ev.target_bytes.sum()),
     }
     return evals
-
-
-def tokens_per_run(s: Scale) -> int:
-    return s.steps * s.batch * s.seq_len

@@ -13,6 +13,16 @@ import numpy as np
 from sparselm.retro.evaluate import OVERLAP_BUCKETS, bits_per_byte, bootstrap_difference, served_mask
 
 
+def eval_key(run: str, db: str | None, k: int, shuffle: bool) -> str:
+    """The name of one evaluation: run, database (or none), k and whether the neighbours were shuffled."""
+    return f"{run}|{db or 'none'}|k{k}" + ("|shuffled" if shuffle else "")
+
+
+def tokens_per_run(scale) -> int:
+    """Training tokens of one run at an experiment ``Scale``."""
+    return scale.steps * scale.batch * scale.seq_len
+
+
 def _cpu_flags() -> list[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
@@ -24,7 +34,6 @@ def _cpu_flags() -> list[str]:
 def collect(opts, shards: Path, dbs: dict[str, Path], runs: dict[str, Path], evals: dict, seconds: dict) -> dict:
     from sparselm.checkpoint.files import load_config_from_checkpoint
     from sparselm.experiment.moe_vs_dense import machine_description
-    from sparselm.experiment.retro import eval_key, tokens_per_run
     from sparselm.params.counting import count_params
     from sparselm.retro.evaluate import eval_windows
     from sparselm.retro.store import Database
@@ -102,7 +111,6 @@ def collect(opts, shards: Path, dbs: dict[str, Path], runs: dict[str, Path], eva
 
 # ------------------------------------------------------------------------------------------------------------ report
 def bpb(results: dict, run: str, db: str | None = None, k: int = 0, shuffled: bool = False) -> float:
-    from sparselm.experiment.retro import eval_key
 
     return results["evals"][eval_key(run, db, k, shuffled)]["bpb"]
 

@@ -28,6 +28,7 @@ from torch import nn
 from sparselm.config import ModelConfig, MoEConfig, RetroConfig
 from sparselm.errors import InputError
 from sparselm.model.attention import Attention
+from sparselm.model.block import Block
 from sparselm.model.layers import make_norm, rope_cos_sin
 
 
@@ -91,8 +92,6 @@ class NeighbourEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, retro: RetroConfig) -> None:
         super().__init__()
-        from sparselm.model.transformer import Block
-
         d_enc = retro.encoder_d_model or cfg.d_model
         self.cfg = dataclasses.replace(
             cfg,

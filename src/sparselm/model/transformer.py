@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sparselm.config import ModelConfig, MoEConfig, RetroConfig
 from sparselm.errors import InputError
-from sparselm.model.attention import Attention, AttentionCache, KVCache, causal_slots
-from sparselm.model.layers import FeedForward, make_norm, rope_cos_sin
+from sparselm.model.attention import AttentionCache, KVCache, causal_slots
+from sparselm.model.block import Block
+from sparselm.model.layers import make_norm, rope_cos_sin
 from sparselm.model.moe import MoE, MoEStats
+from sparselm.model.retro import Retrieval, add_retrieval
 from sparselm.ops import linear_cross_entropy
 
 
@@ -40,47 +41,6 @@ def relative_bucket(distance: torch.Tensor, num_buckets: int, max_distance: int)
     return torch.where(distance < exact, distance, large)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, use_moe: bool) -> None:
-        super().__init__()
-        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.bias, cfg.position, cfg.dropout, cfg.qk_norm, cfg.norm_eps)
-        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        if use_moe:
-            self.ffn: nn.Module = MoE(cfg.d_model, moe.d_ff_expert or cfg.d_ff, moe, cfg.ffn, cfg.bias)
-        else:
-            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, cfg.ffn, cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-        # Optional sublayer between attention and FFN, ``cross(x, cross_inputs)`` -> residual update: RETRO's
-        # chunked cross-attention (model/retro.py). None in a plain model, so its parameters and speed are unchanged.
-        self.cross: nn.Module | None = None
-        self.checkpoint = False  # set from outside (activation checkpointing is a training policy)
-
-    def _forward(
-        self, x: torch.Tensor, valid, attn_kwargs: dict, cross_inputs=None
-    ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), **attn_kwargs))
-        if self.cross is not None and cross_inputs is not None:
-            x = x + self.dropout(self.cross(x, cross_inputs))
-        stats = None
-        if isinstance(self.ffn, MoE):
-            h, stats = self.ffn(self.ffn_norm(x), valid)
-        else:
-            h = self.ffn(self.ffn_norm(x))
-        return x + self.dropout(h), stats
-
-    def forward(
-        self, x: torch.Tensor, valid: torch.Tensor | None = None, cross_inputs=None, **attn_kwargs
-    ) -> tuple[torch.Tensor, MoEStats | None]:
-        """``valid`` [B, T] marks real tokens (None: all real); ``cross_inputs`` feed the cross sublayer (if any);
-        the rest goes to attention."""
-        if cross_inputs is not None and self.cross is not None:
-            return self._forward(x, valid, attn_kwargs, cross_inputs)  # never checkpointed: it may run the encoder
-        if self.checkpoint and self.training and attn_kwargs.get("cache") is None:
-            return checkpoint(self._forward, x, valid, attn_kwargs, use_reentrant=False)
-        return self._forward(x, valid, attn_kwargs)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None, retro: RetroConfig | None = None) -> None:
         super().__init__()
@@ -97,8 +57,6 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.retro_encoder: nn.Module | None = None
         if retro is not None and retro.enabled:
-            from sparselm.model.retro import add_retrieval
-
             self.retro_encoder = add_retrieval(self, retro)
         self.init_weights()
 
@@ -175,8 +133,6 @@ class Transformer(nn.Module):
         token_valid = None if bool(valid.all()) else valid
         retrieval = None
         if neighbours is not None:
-            from sparselm.model.retro import Retrieval
-
             retrieval = Retrieval.start(self, neighbours, T, cache)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):

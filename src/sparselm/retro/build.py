@@ -21,7 +21,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from sparselm.errors import InputError
-from sparselm.retro.chunks import CHUNK_FIELDS, iter_chunks, token_byte_lengths
+from sparselm.retro.chunks import CHUNK_FIELDS, chunk_texts, iter_chunks, token_byte_lengths
 from sparselm.retro.index import build_dense_index, resolve_kind, save_index
 from sparselm.retro.keys import DENSE_DIM, DENSE_ENCODER, KEY_KINDS, DenseKeys, bm25_tokens
 from sparselm.retro.store import (
@@ -232,11 +232,6 @@ def _write_chunks(opts: BuildOptions, out: Path, sources: list[Source], parent: 
 
 def _copied_keys(parent: Database | None) -> int:
     return -1 if parent is not None and parent.keys is not None else 0  # -1: the keys came with the chunks
-
-
-def chunk_texts(tokenizer, tokens: np.ndarray, m: int) -> list[str]:
-    """The text of each chunk (its first m tokens; eod decodes to nothing)."""
-    return [tokenizer.decode(row[:m]) for row in tokens]
 
 
 def _write_keys(opts: BuildOptions, out: Path, state: dict) -> None:

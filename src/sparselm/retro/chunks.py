@@ -109,3 +109,8 @@ def iter_chunks(shards: TokenShards, m: int, byte_lengths: np.ndarray, block: in
         docs_before += int(is_eod[: n * m].sum())
         tail_offset = offset[n * m - 1] + lengths[n * m - 1]
         carry = 0 if is_eod[n * m - 1] else int(tail_offset)
+
+
+def chunk_texts(tokenizer, tokens: np.ndarray, m: int) -> list[str]:
+    """The text of each chunk (its first m tokens; eod decodes to nothing)."""
+    return [tokenizer.decode(row[:m]) for row in tokens]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sparselm.errors import InputError
+from sparselm.errors import DatabaseError, InputError
 
 INDEX_KINDS = ("auto", "flat", "ivfpq", "hnsw")
 ADD_BATCH = 65_536
@@ -119,7 +119,6 @@ class BM25Searcher:
 
 
 def load_index(db) -> DenseSearcher | BM25Searcher:
-    from sparselm.retro.store import DatabaseError
 
     if db.keys_kind == "bm25":
         import bm25s

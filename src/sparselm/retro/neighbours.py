@@ -21,7 +21,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from sparselm.errors import InputError
-from sparselm.retro.chunks import iter_chunks, token_byte_lengths
+from sparselm.retro.chunks import chunk_texts, iter_chunks, token_byte_lengths
 from sparselm.retro.keys import DENSE_DIM, DenseKeys, bm25_tokens
 from sparselm.retro.store import (
     Database,
@@ -75,7 +75,6 @@ def query_keys(db: Database, source: Source, tokens: np.ndarray, batch_size: int
     if found is not None:
         return found
     from sparselm.data.tokenizer import Tokenizer
-    from sparselm.retro.build import chunk_texts
 
     folder = db.path / "queries"
     folder.mkdir(exist_ok=True)
@@ -165,7 +164,6 @@ def precompute_neighbours(
         queries = query_keys(db, source, tokens, batch_size, precision, progress)
     else:
         from sparselm.data.tokenizer import Tokenizer
-        from sparselm.retro.build import chunk_texts
 
         queries = bm25_tokens(chunk_texts(Tokenizer.load(db.path / "tokenizer.model"), tokens, db.chunk_size))
     table = np.empty((len(fields), keep), dtype=np.int64)

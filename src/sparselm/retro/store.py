@@ -26,16 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from sparselm.errors import InputError
+from sparselm.errors import DatabaseError
 from sparselm.retro.chunks import CHUNK_FIELDS
 
 DB_FILE = "db.json"
 FORMAT = "sparselm-retro-db"
 VERSION = 1
-
-
-class DatabaseError(InputError):
-    """A retrieval database (or neighbour table) is missing, corrupt, unfinished or does not fit the model."""
 
 
 def sha256_file(path: Path) -> str:

@@ -32,7 +32,7 @@ from sparselm.errors import CheckpointError, InputError
 from sparselm.serve.chat import ChatTemplate
 from sparselm.serve.metrics import ServerMetrics
 from sparselm.serve.params import EngineConfig, SamplingParams
-from sparselm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from sparselm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from sparselm.serve.render import error_body
 from sparselm.serve.streams import RequestStream
 
@@ -49,12 +49,6 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     chat_template: str | None = None
     threads: int = 0  # torch intra-op threads (0: torch's default)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code=None, param=None):
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
 
 
 class ServerState:

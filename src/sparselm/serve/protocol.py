@@ -120,3 +120,11 @@ class ChatCompletionRequest(_Common):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class APIError(Exception):
+    """An OpenAI-shaped error answer: HTTP status, message, error type, and optional code and parameter."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code=None, param=None):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param

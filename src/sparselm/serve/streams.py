@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from sparselm.serve.protocol import APIError
 from sparselm.serve.render import Envelope, chat_logprobs, completion_logprobs, error_body, sse, usage
 from sparselm.serve.sequence import Sequence, SequenceOutput, token_text
 
@@ -103,7 +104,6 @@ class RequestStream:
         return collect.result()
 
     async def _collect(self) -> dict:
-        from sparselm.serve.api import APIError
 
         try:
             async for _ in self._outputs():
