@@ -61,10 +61,15 @@ def tokenizer_and_text(tok_path: Path | None = None):
         subprocess.run([sys.executable, "-m", "sparselm", "tokenizer", "train", "--out", str(tok_path.with_suffix("")),
                         "--vocab-size", "8192"], check=True)  # fmt: skip
     tokenizer = Tokenizer.load(tok_path)
-    val = sorted((REPO / "data_cache" / "default").glob("val_*.bin"))
-    if val:
-        ids = np.concatenate([np.fromfile(p, dtype=np.uint16) for p in val]).astype(np.int64).tolist()
-        return tokenizer, ids, "the validation split of data_cache/default"
+    prepared = REPO / "data_cache" / "default"
+    if (prepared / "meta.json").is_file():
+        from sparselm.data.loader import TokenShards
+
+        val = TokenShards(prepared, "val")
+        # Only ids of this very tokenizer: another one's ids may lie outside the model's vocabulary.
+        if val.tokenizer_path.read_bytes() == Path(tok_path).read_bytes():
+            ids = val.window(0, len(val)).astype(np.int64).tolist()
+            return tokenizer, ids, "the validation split of data_cache/default"
     from sparselm.corpus import default_corpus_files
     from sparselm.data.reader import iter_documents
 
