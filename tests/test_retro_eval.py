@@ -3,6 +3,7 @@ the evaluation plan, and the report's verdict lines following the numbers either
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from sparselm.experiment.retro import K_EVAL, eval_plan
-from sparselm.experiment.retro_report import eval_key, findings
+from sparselm.experiment.retro_report import eval_key, findings, render, verdict
 from sparselm.retro.evaluate import (
     EvalWindows,
     bits_per_byte,
@@ -117,3 +118,12 @@ def test_findings_follow_the_numbers_either_way() -> None:
     bad = "\n".join(findings(synthetic_results(-0.02)))
     assert "above the baseline" in bad and "not beyond seed noise" in bad
     assert "not falling monotonically" in bad
+    assert verdict(synthetic_results(0.05)).startswith("**Verdict: the retrieved text helps the dense and MoE")
+    assert verdict(synthetic_results(-0.02)).startswith("**Verdict: at this scale the retrieved text changes nothing")
+
+
+def test_committed_report_is_rendered_from_its_committed_results() -> None:
+    report = Path(__file__).resolve().parents[1] / "docs" / "results" / "retro-quick.md"
+    results = json.loads((report.parent / report.stem / "results.json").read_text())
+    plot = report.parent / report.stem / "bpb.png"
+    assert render(results, plot, report) == report.read_text(encoding="utf-8")
