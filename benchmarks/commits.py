@@ -70,8 +70,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     new = opts.new or "working tree"
     print(f"{opts.script} {' '.join(args)}: {opts.metric}, old = {opts.old}, new = {new}, {opts.rounds} rounds")
-    print(f"| {' | '.join(key) or 'row'} | old (median) | new (median) | new/old: median of rounds (range) |")
-    print("|" + "---|" * (max(len(key), 1) + 3))
+    print(f"| {' | '.join(key) or 'row'} | old (median) | new (median) | new/old: median of rounds (range) | rounds |")
+    print("|" + "---|" * (max(len(key), 1) + 4))
     for row in sides["new"][0]:
         olds = [s.get(row) for s in sides["old"]]
         news = [s.get(row) for s in sides["new"]]
@@ -81,7 +81,8 @@ def main() -> None:
         label = " | ".join(str(v) for v in row) or "-"
         print(
             f"| {label} | {statistics.median(olds):.4g} | {statistics.median(news):.4g} | "
-            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) | "
+            f"{', '.join(f'{r:.3f}' for r in ratios)} |"
         )
     print(f"1-minute load average at the end: {load:.1f}")
 

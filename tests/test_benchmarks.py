@@ -117,6 +117,7 @@ def test_commit_comparison_runs_both_trees_side_by_side() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| permute")]
     assert len(rows) == 2 and all(r[1] == "fp32" and float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[5].rstrip(" |")) == float(r[4].split()[0]) for r in rows)  # one round: its ratio is the median
     assert "round 1/1 old done" in proc.stderr and "round 1/1 new done" in proc.stderr
 
 
