@@ -10,7 +10,7 @@ from pathlib import Path
 # The contracts are 90 minutes (default) and 10 (--quick) on 2 cores; the budgets leave room for the planner's
 # estimate running short (docs/moe-vs-dense-design.md).
 DEFAULT_BUDGET_MINUTES = 80.0
-QUICK_BUDGET_MINUTES = 7.0
+QUICK_BUDGET_MINUTES = 6.0
 
 
 def _int_list(text: str) -> tuple[int, ...]:
