@@ -111,11 +111,11 @@ def test_an_interrupted_build_resumes_to_the_same_database(
     encode = retro_keys.DenseKeys.encode
     calls = {"n": 0}
 
-    def dies_after_two_flushes(self, texts):
+    def dies_after_two_flushes(self, texts, *args):
         calls["n"] += 1
         if calls["n"] > 2:
             raise KeyboardInterrupt
-        return encode(self, texts)
+        return encode(self, texts, *args)
 
     monkeypatch.setattr(retro_keys.DenseKeys, "encode", dies_after_two_flushes)
     monkeypatch.setattr("sparselm.retro.build.FLUSH_EVERY", 1)
@@ -151,6 +151,41 @@ def test_a_smaller_database_cut_from_a_larger_one(dense_db: Database, tiny_datas
     precompute_neighbours(small, tiny_dataset, "val", keep=4, progress=False, say=lambda _: None)
     table = load_neighbours(small, tiny_dataset, "val", 4)
     assert set(table[table >= 0].tolist()) <= set(range(small.size))
+
+
+def test_a_cut_database_matches_one_built_alone(dense_db: Database, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The experiment's nested databases copy their keys from the largest: the same neighbours as encoding the same
+    documents again. Query keys another database holds are reused, not encoded again."""
+    val = [(str(tiny_dataset), "val")]
+    cut_options = BuildOptions(tmp_path / "cut", from_db=dense_db.path, doc_fraction=0.5, seed=3, queries=val)
+    cut_options.progress = False
+    cut = build_database(cut_options, say=lambda _: None)
+    alone = build(tmp_path / "alone", tiny_dataset, doc_fraction=0.5, seed=3, reuse_keys=[dense_db.path])
+    assert 0 < alone.size < dense_db.size
+    assert np.array_equal(np.asarray(alone.tokens), np.asarray(cut.tokens))
+    assert np.array_equal(np.asarray(alone.chunks), np.asarray(cut.chunks))
+    assert alone.meta["build"]["embedded_chunks"] == alone.size and cut.meta["build"]["embedded_chunks"] == 0
+    assert np.abs(np.asarray(alone.keys, np.float32) - np.asarray(cut.keys, np.float32)).max() < 2e-2
+    assert np.array_equal(
+        load_neighbours(alone, tiny_dataset, "val", 10), load_neighbours(cut, tiny_dataset, "val", 10)
+    )
+    # Half of the val chunks are not in `alone`: their keys came from dense_db, so none were encoded as queries.
+    assert not (alone.path / "queries").exists()
+
+
+def test_encoding_in_order_of_length_keeps_the_order_of_the_texts() -> None:
+    encoder = retro_keys.DenseKeys("fp32")
+    texts = [
+        "a short one",
+        "a much longer text about the river and the old mill by the bridge",
+        "x",
+        "",
+        "mid length text",
+    ]
+    together = encoder.encode(texts, batch_size=2)
+    alone = np.concatenate([encoder.encode([t]) for t in texts])
+    assert np.allclose(together, alone, atol=1e-5)
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
 
 
 def test_bm25_database(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -159,8 +159,12 @@ def _databases(opts: RetroExperiment, shards: Path, other: Path) -> dict[str, Pa
     for name, fraction in DB_FRACTIONS.items():
         opts_ = BuildOptions(out=dbs[name], from_db=dbs["db100"], doc_fraction=fraction, seed=7, queries=val, **common)
         build_database(opts_, say)
-    # The other corpus was prepared with no validation split: all of it is in its train split.
-    build_database(BuildOptions(out=dbs["other"], data=[(str(other), "train")], queries=val, **common), say)
+    # The other corpus was prepared with no validation split: all of it is in its train split. The validation
+    # chunks' keys were encoded for db100 already.
+    opts_ = BuildOptions(
+        out=dbs["other"], data=[(str(other), "train")], queries=val, reuse_keys=[dbs["db100"]], **common
+    )
+    build_database(opts_, say)
     return dbs
 
 

@@ -56,6 +56,7 @@ class BuildOptions:
     from_db: Path | None = None  # cut from this database (its sources, chunks and keys) instead of --data
     queries: list[tuple[str, str]] | None = None  # neighbour tables to precompute (None: train + val of --data)
     keep: int = 10  # neighbours kept per query chunk (training reads the first retro.neighbours)
+    reuse_keys: list[Path] = field(default_factory=list)  # databases whose query keys are reused, not re-encoded
     batch_size: int = 128  # chunks per encoder batch
     precision: str = "auto"
     progress: bool = True
@@ -108,8 +109,11 @@ def build_database(opts: BuildOptions, say=print) -> Database:
     if queries:
         from sparselm.retro.neighbours import precompute_neighbours
 
+        reuse = [Database(path, verify=False) for path in opts.reuse_keys]
         for data_dir, split in queries:
-            precompute_neighbours(db, data_dir, split, opts.keep, opts.batch_size, opts.precision, opts.progress, say)
+            precompute_neighbours(
+                db, data_dir, split, opts.keep, opts.batch_size, opts.precision, opts.progress, say, reuse
+            )
     return db
 
 
@@ -260,19 +264,20 @@ def _write_keys(opts: BuildOptions, out: Path, state: dict) -> None:
     encoder = DenseKeys.shared(opts.precision)
     started, first = time.perf_counter(), done
     bar = tqdm(total=total, initial=done, desc="keys", unit="chunk", disable=not opts.progress, dynamic_ncols=True)
+    group = opts.batch_size * FLUSH_EVERY  # encoded in order of length within the group, saved after it
     with bar:
-        for batch, start in enumerate(range(done, total, opts.batch_size)):
-            rows = tokens[start : start + opts.batch_size]
-            keys[start : start + len(rows)] = encoder.encode(chunk_texts(tokenizer, rows, m))
-            bar.update(len(rows))
-            if (batch + 1) % FLUSH_EVERY == 0 or start + len(rows) == total:
-                keys.flush()
-                state["keys_done"] = start + len(rows)
-                state.setdefault("embedding", {"chunks": 0, "seconds": 0.0})
-                state["embedding"]["chunks"] += state["keys_done"] - first
-                state["embedding"]["seconds"] += time.perf_counter() - started
-                started, first = time.perf_counter(), state["keys_done"]
-                write_json_atomic(out / STATE_FILE, state)
+        for start in range(done, total, group):
+            rows = tokens[start : start + group]
+            keys[start : start + len(rows)] = encoder.encode(
+                chunk_texts(tokenizer, rows, m), opts.batch_size, bar.update
+            )
+            keys.flush()
+            state["keys_done"] = start + len(rows)
+            state.setdefault("embedding", {"chunks": 0, "seconds": 0.0})
+            state["embedding"]["chunks"] += state["keys_done"] - first
+            state["embedding"]["seconds"] += time.perf_counter() - started
+            started, first = time.perf_counter(), state["keys_done"]
+            write_json_atomic(out / STATE_FILE, state)
 
 
 def _finish(opts: BuildOptions, out: Path, state: dict, sources: list[Source], parent: Database | None, say) -> None:

@@ -38,6 +38,7 @@ def cmd_build_db(args: argparse.Namespace) -> int:
         from_db=Path(args.from_db) if args.from_db else None,
         queries=queries,
         keep=args.keep,
+        reuse_keys=[Path(p) for p in args.reuse_keys],
         batch_size=args.batch_size,
         precision=args.precision,
         progress=not args.no_progress,
@@ -53,9 +54,10 @@ def cmd_neighbours(args: argparse.Namespace) -> int:
     from sparselm.retro.store import Database
 
     db = Database(args.db)
+    reuse = [Database(p, verify=False) for p in args.reuse_keys]
     for split in [s.strip() for s in args.split.split(",") if s.strip()]:
         path = precompute_neighbours(
-            db, args.data, split, args.keep, args.batch_size, args.precision, not args.no_progress
+            db, args.data, split, args.keep, args.batch_size, args.precision, not args.no_progress, print, reuse
         )
         print(path)
     return 0
@@ -151,6 +153,8 @@ def add_retro_verbs(verbs) -> None:
     )
     p.add_argument("--no-neighbours", action="store_true", help="precompute no neighbours")
     p.add_argument("--keep", type=int, default=10, help="neighbours kept per chunk (default 10; training uses k)")
+    p.add_argument("--reuse-keys", action="append", default=[], metavar="DB", help="reuse the query keys this "
+                   "database already holds instead of encoding them again (repeatable)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128, help="chunks per encoder batch")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="key encoder precision")
     p.add_argument("--threads", type=int, default=0)
@@ -163,6 +167,7 @@ def add_retro_verbs(verbs) -> None:
     p.add_argument("--data", required=True, help="prepared dataset directory")
     p.add_argument("--split", default="train,val", help="comma-separated splits (default train,val)")
     p.add_argument("--keep", type=int, default=10)
+    p.add_argument("--reuse-keys", action="append", default=[], metavar="DB", help="reuse this database's query keys")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--no-progress", action="store_true")

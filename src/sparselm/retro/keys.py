@@ -58,17 +58,28 @@ class DenseKeys:
         return _LOADED[precision]
 
     @torch.inference_mode()
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 128, on_batch=None) -> np.ndarray:
+        """Keys of ``texts`` in their order, computed ``batch_size`` at a time in order of length, so that a batch
+        pads to nearly its own length (chunks of 64 tokens vary from ~15 to ~60 word pieces: unsorted batches of
+        128 spend a fifth of their work on padding). ``on_batch(n)`` is called after each batch."""
         from sparselm.precision import autocast
 
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_WORDPIECES, return_tensors="pt")
-        with autocast(self.precision, "cpu"):
-            hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        mean = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return torch.nn.functional.normalize(mean, dim=-1).numpy()
+            return out
+        ids = self.tokenizer(texts, truncation=True, max_length=MAX_WORDPIECES)["input_ids"]
+        order = np.argsort([len(row) for row in ids], kind="stable")
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            with autocast(self.precision, "cpu"):
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            mean = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out[rows] = torch.nn.functional.normalize(mean, dim=-1).numpy()
+            if on_batch is not None:
+                on_batch(len(rows))
+        return out
 
 
 _LOADED: dict[str, DenseKeys] = {}

@@ -14,6 +14,7 @@ other data than it was computed for.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,26 +53,44 @@ def query_chunks(source: Source, m: int, progress: bool = False) -> tuple[np.nda
     return np.concatenate(tokens), np.concatenate(fields)
 
 
-def _keys_from(db: Database, source: Source) -> np.ndarray | None:
-    """Keys of the whole query split if ``db`` (or a database it was cut from) holds every chunk of it."""
+def _lineage(db: Database | None):
+    """``db`` and the databases it was cut from, nearest first."""
     while db is not None:
-        i = db.source_index(source.fingerprint)
-        if i is not None and db.keys is not None and db.sources[i].count == source.chunks:
-            first = db.sources[i].first
-            return db.keys[first : first + source.chunks]
-        cache = db.path / "queries" / f"{table_name(source)}.keys.npy"
-        info = db.path / "queries" / f"{table_name(source)}.keys.json"
-        if cache.is_file() and info.is_file() and read_json(info, "delete it").get("done") == source.chunks:
-            return np.load(cache, mmap_mode="r")
+        yield db
         parent = db.meta.get("parent")
         db = Database(parent, verify=False) if parent and Path(parent, "db.json").is_file() else None
+
+
+def _keys_from(db: Database, source: Source, reuse: Sequence[Database] = ()) -> np.ndarray | None:
+    """Keys of the whole query split if ``db``, a database it was cut from or one of ``reuse`` (databases keyed by
+    the same encoder with the same chunk size) holds every chunk of it, or has encoded them as queries already."""
+    for owner in (db, *reuse):
+        if owner.keys_kind != db.keys_kind or owner.chunk_size != db.chunk_size:
+            raise InputError(f"{owner.path} has other keys or chunks than {db.path}: its query keys cannot be reused")
+        for holder in _lineage(owner):
+            i = holder.source_index(source.fingerprint)
+            if i is not None and holder.keys is not None and holder.sources[i].count == source.chunks:
+                first = holder.sources[i].first
+                return holder.keys[first : first + source.chunks]
+            cache = holder.path / "queries" / f"{table_name(source)}.keys.npy"
+            info = holder.path / "queries" / f"{table_name(source)}.keys.json"
+            if cache.is_file() and info.is_file() and read_json(info, "delete it").get("done") == source.chunks:
+                return np.load(cache, mmap_mode="r")
     return None
 
 
-def query_keys(db: Database, source: Source, tokens: np.ndarray, batch_size: int, precision: str, progress: bool):
-    """Dense keys of the query chunks: reused from a database holding the split, else encoded (resumably) into
-    ``queries/`` of ``db``; chunks the database holds are copied, not encoded again."""
-    found = _keys_from(db, source)
+def query_keys(
+    db: Database,
+    source: Source,
+    tokens: np.ndarray,
+    batch_size: int,
+    precision: str,
+    progress: bool,
+    reuse: Sequence[Database] = (),
+):
+    """Dense keys of the query chunks: reused from a database holding the split (``db``, its parents, ``reuse``),
+    else encoded (resumably) into ``queries/`` of ``db``; chunks the database holds are copied, not encoded again."""
+    found = _keys_from(db, source, reuse)
     if found is not None:
         return found
     from sparselm.data.tokenizer import Tokenizer
@@ -93,14 +112,13 @@ def query_keys(db: Database, source: Source, tokens: np.ndarray, batch_size: int
     tokenizer = Tokenizer.load(db.path / "tokenizer.model")
     encoder = DenseKeys.shared(precision) if done < len(todo) else None
     bar = tqdm(total=len(todo), initial=done, desc="query keys", unit="chunk", disable=not progress)
+    group = batch_size * 16  # encoded in order of length within the group, saved after it
     with bar:
-        for start in range(done, len(todo), batch_size):
-            rows = todo[start : start + batch_size]
-            keys[rows] = encoder.encode(chunk_texts(tokenizer, tokens[rows], db.chunk_size))
-            bar.update(len(rows))
-            if (start // batch_size + 1) % 16 == 0 or start + len(rows) == len(todo):
-                keys.flush()
-                write_json_atomic(info, {"encoded": start + len(rows), "fingerprint": source.fingerprint})
+        for start in range(done, len(todo), group):
+            rows = todo[start : start + group]
+            keys[rows] = encoder.encode(chunk_texts(tokenizer, tokens[rows], db.chunk_size), batch_size, bar.update)
+            keys.flush()
+            write_json_atomic(info, {"encoded": start + len(rows), "fingerprint": source.fingerprint})
     keys.flush()
     write_json_atomic(info, {"encoded": len(todo), "done": len(tokens), "fingerprint": source.fingerprint})
     return keys
@@ -145,8 +163,10 @@ def precompute_neighbours(
     precision: str = "auto",
     progress: bool = True,
     say=print,
+    reuse: Sequence[Database] = (),
 ) -> Path:
-    """Compute (or find up to date) the neighbour table of ``split`` of ``data_dir`` in ``db``."""
+    """Compute (or find up to date) the neighbour table of ``split`` of ``data_dir`` in ``db``; query keys that
+    ``reuse`` (other databases with the same encoder and chunk size) already hold are not encoded again."""
     from sparselm.data.loader import TokenShards
 
     source = source_of(data_dir, split, db.chunk_size)
@@ -161,7 +181,7 @@ def precompute_neighbours(
     started = time.perf_counter()
     tokens, fields = query_chunks(source, db.chunk_size, progress)
     if db.keys_kind == "minilm":
-        queries = query_keys(db, source, tokens, batch_size, precision, progress)
+        queries = query_keys(db, source, tokens, batch_size, precision, progress, reuse)
     else:
         from sparselm.data.tokenizer import Tokenizer
 
