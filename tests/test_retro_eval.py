@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparselm.experiment.retro import K_EVAL, eval_plan
-from sparselm.experiment.retro_report import eval_key, findings, render, verdict
+from sparselm.experiment.retro import K_EVAL, Clock, eval_plan
+from sparselm.experiment.retro_report import eval_key, findings, render, verdict, wall_time
 from sparselm.retro.evaluate import (
     EvalWindows,
     bits_per_byte,
@@ -120,6 +120,29 @@ def test_findings_follow_the_numbers_either_way() -> None:
     assert "not falling monotonically" in bad
     assert verdict(synthetic_results(0.05)).startswith("**Verdict: the retrieved text helps the dense and MoE")
     assert verdict(synthetic_results(-0.02)).startswith("**Verdict: at this scale the retrieved text changes nothing")
+
+
+def test_wall_time_is_reported_against_the_budget(tmp_path: Path) -> None:
+    clock = Clock(tmp_path / "wall_time.json")
+    with clock("data"):
+        pass
+    again = Clock(tmp_path / "wall_time.json")  # a restarted experiment adds to the same record
+    with again("training"):
+        pass
+    record = again.record()
+    assert set(record["stages"]) == {"data", "training"} and len(record["invocations"]) == 2
+
+    def results(minutes: dict, quick: bool = True) -> dict:
+        wall = {"invocations": [{"started": "t", "load": 0.3}], "load_at_end": 2.1}
+        return {"seconds": {k: v * 60 for k, v in minutes.items()}, "quick": quick, "scale": {}, "wall": wall}
+
+    within = wall_time(results({"databases": 2.0, "training": 3.5}))
+    assert "5.5 min in all, within the 10-minute budget of --quick" in within and "load average 0.3" in within
+    over = wall_time(results({"databases": 50.0, "training": 45.0}, quick=False))
+    assert "95.0 min in all, **5.0 min over the 90-minute budget of the full run**" in over
+    restarted = results({"training": 1.0})
+    restarted["wall"]["invocations"] *= 2
+    assert "(summed over 2 invocations)" in wall_time(restarted)
 
 
 def test_committed_report_is_rendered_from_its_committed_results() -> None:

@@ -18,6 +18,7 @@ Stages, each restartable (a rerun with the same ``--out`` skips what is done and
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from sparselm.errors import InputError
-from sparselm.experiment.retro_report import collect, eval_key, write_report
+from sparselm.experiment.retro_report import BUDGET_MINUTES, collect, eval_key, write_report
 
 
 @dataclass(frozen=True)
@@ -53,17 +54,18 @@ class Scale:
     lr: float
     eval_windows: int
     val_fraction: float
+    budget_minutes: float  # issue 17: the whole experiment in at most this much wall time on 2 cores
 
 
 FULL = Scale(
     max_chars=12_000_000, other_chars=6_000_000, d_model=128, n_layers=9, n_heads=4, d_ff=384, cca_start=6,
     encoder_d_model=96, encoder_heads=3, encoder_d_ff=256, experts=8, seq_len=512, batch=16, steps=200,
-    fit_steps=70, lr=2e-3, eval_windows=384, val_fraction=0.04,
+    fit_steps=70, lr=2e-3, eval_windows=384, val_fraction=0.04, budget_minutes=BUDGET_MINUTES["full"],
 )  # fmt: skip
 QUICK = Scale(
     max_chars=1_500_000, other_chars=400_000, d_model=64, n_layers=6, n_heads=2, d_ff=192, cca_start=3,
     encoder_d_model=64, encoder_heads=2, encoder_d_ff=128, experts=4, seq_len=256, batch=8, steps=60,
-    fit_steps=24, lr=3e-3, eval_windows=48, val_fraction=0.04,
+    fit_steps=24, lr=3e-3, eval_windows=48, val_fraction=0.04, budget_minutes=BUDGET_MINUTES["quick"],
 )  # fmt: skip
 SEEDS = (1234, 4321)
 DB_FRACTIONS = {"db10": 0.1, "db30": 0.3}
@@ -101,18 +103,28 @@ def run_experiment(opts: RetroExperiment) -> dict[str, Any]:
     with clock("evaluation"):
         evals = _evaluate_all(opts, shards, dbs, runs)
 
-    results = collect(opts, shards, dbs, runs, evals, clock.seconds)
+    results = collect(opts, shards, dbs, runs, evals, clock.record())
     (opts.out / "results.json").write_text(json.dumps(results, indent=1))
     report = write_report(results, opts.report or opts.out / "retro.md")
     return {"report": report, "results": results}
 
 
 class Clock:
-    """Wall time per stage, summed over invocations (a restarted experiment adds to it)."""
+    """Wall time per stage, summed over invocations (a restarted experiment adds to it), and each invocation's start
+    with the machine's 1-minute load average then (a timing taken on a busy machine says so)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved and "stages" not in saved:  # the format before invocations were recorded
+            saved = {"stages": saved, "invocations": []}
+        self.seconds: dict[str, float] = saved.get("stages", {})
+        self.invocations: list[dict[str, Any]] = saved.get("invocations", [])
+        self.invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load": _load()})
+        self._save()
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps({"stages": self.seconds, "invocations": self.invocations}, indent=1))
 
     def __call__(self, stage: str):
         clock = self
@@ -123,9 +135,20 @@ class Clock:
 
             def __exit__(self, *exc):
                 clock.seconds[stage] = clock.seconds.get(stage, 0.0) + time.perf_counter() - self.start
-                clock.path.write_text(json.dumps(clock.seconds, indent=1))
+                clock._save()
 
         return _Stage()
+
+    def record(self) -> dict[str, Any]:
+        """What results.json keeps: stage seconds, invocations, and the load when the last stage ended."""
+        return {"stages": dict(self.seconds), "invocations": self.invocations, "load_at_end": _load()}
+
+
+def _load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------------------ data
