@@ -203,7 +203,7 @@ def over_budget(r: dict) -> bool:
 def wall_time(r: dict) -> str:
     """Per-stage and total wall time, against the budget of this scale, and how busy the machine was."""
     total = sum(r["seconds"].values()) / 60
-    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in r["seconds"].items())
+    stages = ", ".join(f"{k} {v / 60:.1f} min" if v >= 60 else f"{k} {v:.0f} s" for k, v in r["seconds"].items())
     wall = r.get("wall", {})
     invocations = wall.get("invocations", [])
     text = f"{stages}; {total:.1f} min in all"
