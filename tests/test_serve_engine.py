@@ -143,6 +143,40 @@ def test_decode_batch_and_chunked_prefill_without_preemption() -> None:
     assert load.shape == (2, 4) and int(load.sum()) == 2 * 2 * (sum(map(len, prompts)) + 10 * 11)
 
 
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_decoding_sequences_attend_unmasked_over_their_blocks_in_place_or_gathered(monkeypatch, position) -> None:
+    """A decoding sequence meets exactly its own keys with no mask, read in place when its blocks form one run and
+    gathered otherwise (here: interleaved growth and shared prefix blocks); outputs and logprobs stay exact."""
+    import sparselm.model.attention as attention
+    from sparselm.serve.kv_cache import StepCache
+
+    decode_masks, paths = [], []
+    sdpa, keys = attention.F.scaled_dot_product_attention, StepCache.keys
+
+    def spy_sdpa(q, k, v, attn_mask=None, **kwargs):
+        if q.shape[2] == 1 and k.shape[2] > 1:
+            decode_masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    def spy_keys(self, layer, group):
+        paths.append(getattr(group, "first_block", "chunk") is None)
+        return keys(self, layer, group)
+
+    model = make_model(position, "moe")
+    prompts = random_prompts(6, seed=9, shared=9)
+    expected = reference(model, prompts, 10)
+    engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=4, max_batched_tokens=16, precision="fp32"))
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(attention.F, "scaled_dot_product_attention", spy_sdpa)
+        patch.setattr(StepCache, "keys", spy_keys)
+        seqs = run_interleaved(engine, prompts, params, seed=3)
+    assert [s.output for s in seqs] == expected
+    assert check_logprobs(model, seqs) < 1e-4
+    assert decode_masks and all(m is None for m in decode_masks) == (position == "rope")
+    assert True in paths and False in paths  # both the gathered and the in-place reads ran
+
+
 def test_finish_reasons_eod_and_context_limit() -> None:
     model = make_model("rope", "dense", max_seq_len=32)
     engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=4, precision="fp32"))

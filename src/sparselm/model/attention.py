@@ -33,14 +33,15 @@ def causal_slots(past: int, new: int, k_valid: torch.Tensor) -> torch.Tensor:
 class KeyGroup:
     """Queries that meet their keys in one attention call, and the positions their mask and biases come from.
 
-    ``allowed`` [B, Tq, Tk] says which keys each query sees; ``q_positions`` [B, Tq] and ``k_positions`` [B, Tk]
-    give the distances for relative biases. ``queries`` takes the group's queries [B, H, Tq, hd] out of the
+    ``allowed`` [B, Tq, Tk] says which keys each query sees (None: every key the cache gives the group, no mask, so
+    attention takes its unmasked fast path); ``q_positions`` [B, Tq] and ``k_positions`` [B, Tk] give the distances
+    for relative biases. ``queries`` takes the group's queries [B, H, Tq, hd] out of the
     forward's [B', H, T, hd] queries and ``outputs`` puts the group's attention output back in that layout;
     the outputs of a forward's groups, concatenated along the token axis in order, make its whole output.
     This base class is the one-group case: the whole input, as it is.
     """
 
-    def __init__(self, q_positions: torch.Tensor, k_positions: torch.Tensor, allowed: torch.Tensor) -> None:
+    def __init__(self, q_positions: torch.Tensor, k_positions: torch.Tensor, allowed: torch.Tensor | None) -> None:
         self.q_positions = q_positions
         self.k_positions = k_positions
         self.allowed = allowed
@@ -162,7 +163,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Without a cache, ``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain
         causal) and ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``. With a
-        cache, every (group, bias, distance) of ``groups`` is one attention call over the keys the cache holds."""
+        cache, every (group, bias, distance) of ``groups`` is one attention call over the keys the cache holds (no
+        bias: the group's queries see all of those keys)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -175,15 +177,17 @@ class Attention(nn.Module):
             outputs = []
             for group, bias, dist in groups:
                 k_all, v_all = cache.keys(layer, group)
-                outputs.append(group.outputs(self._attend(group.queries(q), k_all, v_all, bias, dist)))
+                y_group = self._attend(group.queries(q), k_all, v_all, bias, dist, causal=False)
+                outputs.append(group.outputs(y_group))
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).flatten(-2))
 
-    def _attend(self, q, k, v, attn_bias: torch.Tensor | None, distance: torch.Tensor | None) -> torch.Tensor:
+    def _attend(self, q, k, v, attn_bias, distance, causal: bool = True) -> torch.Tensor:
+        """``attn_bias`` None: plain causal attention, or (``causal`` False) every query sees every key."""
         if self.position == "xl":
             attn_bias = attn_bias + self._xl_bias(q, distance)
             q = q + self.u.unsqueeze(1).to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         if attn_bias is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout)

@@ -184,8 +184,12 @@ class Transformer(nn.Module):
 
     def _bias(self, q_pos, k_pos, allowed) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Additive attention bias [B, 1 or H, Tq, Tk] (-inf where not ``allowed``, plus T5's learned relative bias)
-        and, for ``xl``, the query-minus-key distances [B, Tq, Tk]."""
+        and, for ``xl``, the query-minus-key distances [B, Tq, Tk]; (None, None) when there is nothing to add."""
         cfg = self.cfg
+        if allowed is None:  # the group sees all of its keys
+            if cfg.position not in ("relative", "xl"):
+                return None, None
+            allowed = torch.ones(*q_pos.shape, k_pos.shape[1], dtype=torch.bool, device=q_pos.device)
         bias = torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
         distance = (q_pos.unsqueeze(2) - k_pos.unsqueeze(1)).clamp(min=0)  # [B, Tq, Tk]
         if self.rel_bias is not None:

@@ -10,8 +10,9 @@ order they were freed (least recently used first).
 major: a sequence's gathered keys are then contiguous per head, the layout attention kernels read fastest), and
 ``StepCache`` is one forward's view of it: the model's ``AttentionCache`` for a packed batch of sequences (see
 ``sparselm.model.attention``). The new tokens of a step are laid out as the decoding sequences (one token each)
-followed by each prefill chunk; the decoding sequences attend together in one call over their gathered blocks,
-each prefill chunk in a call of its own.
+followed by each prefill chunk. Each decoding sequence attends alone over exactly its keys with no mask (SDPA's
+unmasked path; one batched call would attend over every sequence's keys padded to the longest), in place when its
+blocks form one run and gathered otherwise; each prefill chunk attends in a call of its own with a causal mask.
 """
 
 from __future__ import annotations
@@ -48,19 +49,26 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def allocate(self, count: int) -> list[int] | None:
-        """``count`` blocks with reference count 1, or None (nothing taken) when fewer are free."""
+    def allocate(self, count: int, after: int | None = None) -> list[int] | None:
+        """``count`` blocks with reference count 1, or None (nothing taken) when fewer are free. Each block is the one
+        after the previous (the first: after ``after``) when that one is free and caches nothing, so that a sequence's
+        blocks tend to form one run, which attention reads in place instead of gathering."""
         if count > len(self.free):
             return None
         blocks = []
         for _ in range(count):
-            block, _ = self.free.popitem(last=False)
+            block = after + 1 if after is not None else -1
+            if block in self.free and self.hashes[block] is None:
+                del self.free[block]
+            else:
+                block, _ = self.free.popitem(last=False)
             old = self.hashes[block]
             if old is not None:  # evict: its contents are about to be overwritten
                 del self.cached[old]
                 self.hashes[block] = None
             self.refs[block] = 1
             blocks.append(block)
+            after = block
         return blocks
 
     def release(self, blocks: list[int]) -> None:
@@ -107,6 +115,7 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.n_heads = n_heads
         self.head_dim = head_dim
+        self.head_offsets = torch.arange(n_heads, device=device).unsqueeze(1) * num_blocks  # [H, 1]: first block row
         # Gathered keys/values land in buffers kept from step to step: fresh multi-megabyte tensors every layer
         # cost a page fault per 4 KiB, which made the gathers 10x slower than the copies themselves.
         self._gather = {
@@ -147,19 +156,26 @@ class ScheduledChunk:
     blocks: list[int]
 
 
-class _DecodeGroup(KeyGroup):
-    """B sequences with one new token each, at packed rows ``rows``; keys: their blocks, gathered and padded."""
+class _OneDecode(KeyGroup):
+    """One decoding sequence's new token at packed row ``row``. It attends, without a mask, over exactly its own
+    ``length`` keys: read in place from the pool when its blocks are one run starting at ``first_block``, else from
+    ``offset`` on in the keys gathered for all decoding sequences."""
 
-    def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed) -> None:
-        super().__init__(q_pos, k_pos, allowed)
-        self.rows = rows
-        self.block_table = block_table  # (rows of PagedKVCache.block_rows, B)
+    def __init__(self, row: int, position: int, length: int, device, first_block=None, offset: int = 0) -> None:
+        self.row, self.position, self.length, self.device = row, position, length, device
+        self.first_block, self.offset = first_block, offset
+        self.allowed = None
+
+    @property
+    def q_positions(self) -> torch.Tensor:  # only models with relative positions ask
+        return torch.tensor([[self.position]], device=self.device)
+
+    @property
+    def k_positions(self) -> torch.Tensor:
+        return torch.arange(self.length, device=self.device).unsqueeze(0)
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
-        return q[:, :, self.rows].transpose(0, 2).contiguous()  # [1, H, B, hd] -> [B, H, 1, hd]
-
-    def outputs(self, y: torch.Tensor) -> torch.Tensor:
-        return y.transpose(0, 2)
+        return q[:, :, self.row : self.row + 1]
 
 
 class _ChunkGroup(KeyGroup):
@@ -184,21 +200,25 @@ class StepCache:
         for c in chunks:
             for p in range(c.start, c.start + c.count):
                 slots.append(c.blocks[p // bs] * bs + p % bs)
-        heads = torch.arange(cache.n_heads, device=device).unsqueeze(1)
         # rows of PagedKVCache.slot_rows that the new tokens' keys go to, head-major like the model's [1, H, N, hd]
-        self.store_rows = (heads * (cache.num_blocks * bs) + torch.tensor(slots, device=device)).flatten()
-        self.head_offsets = heads * cache.num_blocks
+        self.store_rows = (cache.head_offsets * bs + torch.tensor(slots, device=device)).flatten()
+        self.head_offsets = cache.head_offsets
         self._groups: list[KeyGroup] = []
         decode = [c for c in chunks if c.count == 1]
         if decode and any(c.count != 1 for c in chunks[: len(decode)]):
             raise ValueError("decoding chunks (one token) must come first")
-        if decode:
-            width = max(len(c.blocks) for c in decode)
-            table = torch.tensor([c.blocks + [0] * (width - len(c.blocks)) for c in decode], device=device)
-            q_pos = torch.tensor([[c.start] for c in decode], device=device)
-            k_pos = torch.arange(width * bs, device=device).expand(len(decode), -1)
-            allowed = (k_pos <= q_pos).unsqueeze(1)  # [B, 1, Tk]: the padding slots lie past every query
-            self._groups.append(_DecodeGroup(slice(0, len(decode)), self._rows(table), q_pos, k_pos, allowed))
+        gathered_blocks: list[int] = []
+        for row, c in enumerate(decode):
+            blocks = c.blocks[: c.start // bs + 1]
+            first = blocks[0]
+            if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))):
+                self._groups.append(_OneDecode(row, c.start, c.start + 1, device, first_block=first))
+            else:
+                self._groups.append(_OneDecode(row, c.start, c.start + 1, device, offset=len(gathered_blocks) * bs))
+                gathered_blocks.extend(blocks)
+        # one gather per layer for every decoding sequence whose blocks are not one run
+        self._gather_rows = self._rows(torch.tensor([gathered_blocks], device=device))[0] if gathered_blocks else None
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         row = len(decode)
         for c in chunks[len(decode) :]:
             needed = (c.start + c.count + bs - 1) // bs
@@ -220,10 +240,21 @@ class StepCache:
         for which, new in (("k", k), ("v", v)):
             rows = self.cache.slot_rows(layer, which)
             rows.index_copy_(0, self.store_rows, new[0].reshape(-1, new.shape[-1]).to(rows.dtype))  # [H * N, hd]
+        self._gathered = None  # a new layer: gather again
 
     def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, hd = self.cache, self.cache.head_dim
+        if isinstance(group, _OneDecode):
+            if group.first_block is not None:
+                end = group.first_block + (group.length - 1) // cache.block_size + 1
+                pools = (cache.k[layer, :, group.first_block : end], cache.v[layer, :, group.first_block : end])
+                return tuple(kv.flatten(1, 2)[None, :, : group.length] for kv in pools)  # [1, H, length, hd]
+            if self._gathered is None:  # the layer's first such sequence gathers for all of them
+                rows = self._gather_rows
+                self._gathered = tuple(cache.gather(layer, w, rows).view(cache.n_heads, -1, hd) for w in ("k", "v"))
+            end = group.offset + group.length
+            return tuple(kv[None, :, group.offset : end] for kv in self._gathered)  # [1, H, length, hd]
         rows, batch = group.block_table  # type: ignore[attr-defined]
-        hd = self.cache.head_dim
         out = []
         for which in ("k", "v"):
             gathered = self.cache.gather(layer, which, rows)  # [H * B * W, bs * hd]

@@ -121,7 +121,7 @@ class Scheduler:
         needed = -(-upto // self.block_size) - len(seq.blocks)
         if needed <= 0:
             return True
-        blocks = self.pool.allocate(needed)
+        blocks = self.pool.allocate(needed, after=seq.blocks[-1] if seq.blocks else None)
         if blocks is None:
             return False
         seq.blocks.extend(blocks)
