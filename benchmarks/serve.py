@@ -309,7 +309,8 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
         "weights": weights,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    rows["bare_decode_ms"] = bare_decode_ms(model, base[:2], dtype)
+    # over the very requests the server gets at concurrency 1 (their context lengths set the attention cost)
+    rows["bare_decode_ms"] = bare_decode_ms(model, reqs[: load_size(args, 1)], dtype)
     rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
     rows["breakdown"] = breakdown(model, tokenizer, base, precision)
     emit(args, {k: v for k, v in rows.items() if k != "breakdown"})
@@ -321,7 +322,7 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
     try:
         rows["runs"] = []
         for c in (1, 4) if args.quick else (1, 4, 16, 64):
-            n = max(8, 2 * c) if not args.quick else max(4, c)
+            n = load_size(args, c)
             load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
             results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
             rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
@@ -344,6 +345,11 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
         rows["soak"]["exit_code"] = code
         emit(args, {"case": case, "precision": precision, "soak": rows["soak"]})
     return rows
+
+
+def load_size(args, concurrency: int) -> int:
+    """Requests sent at a fixed concurrency."""
+    return max(4, concurrency) if args.quick else max(8, 2 * concurrency)
 
 
 def emit(args, row: dict) -> None:
