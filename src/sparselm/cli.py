@@ -119,14 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from sparselm.precision import autocast
 
     model, cfg, tokenizer = _load(args.ckpt)
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        seed=args.seed,
-    )
+    sampling = SamplingConfig.from_args(args)
     with autocast(args.precision, model.tok_emb.weight.device):
         outputs = generate_text(model, tokenizer, args.prompt, sampling)
     for prompt, text in zip(args.prompt, outputs, strict=True):

@@ -26,7 +26,7 @@ Conventions, chosen once and used everywhere here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -47,6 +47,12 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @classmethod
+    def from_args(cls, args) -> SamplingConfig:
+        """The fields a command line set: ``args`` is any object with attributes named like the fields (argparse's
+        namespace of ``sparselm generate`` or ``sparselm retro generate``); the others keep their defaults."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field (also called by ``generate``: fields are mutable)."""

@@ -97,14 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, _, tokenizer = load_checkpoint(args.ckpt)
     retriever = open_retriever(model, resolve_checkpoint(args.ckpt) / "tokenizer.model", args.db, args.k)
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        seed=args.seed,
-    )
+    sampling = SamplingConfig.from_args(args)
     report = []
     for prompt in args.prompt:
         ids = tokenizer.encode(prompt) or [tokenizer.eod_id]
