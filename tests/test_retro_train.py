@@ -197,7 +197,7 @@ def test_data_parallel_and_zero_train_retro_as_one_process(
     overrides = [*RETRO, f"retro.db={db}", "moe.num_experts=4", "moe.top_k=2", "retro.encoder_moe=true"]
     single = train(config(tiny_dataset, tiny_vocab_size, *overrides, "train.micro_batch_size=2", "train.eval_every=0"),
                    tmp_path / "single").losses  # fmt: skip
-    layouts = {f"zero{z}": [*overrides, f"parallel.zero_stage={z}"] for z in (0, 1, 3)}
+    layouts = {f"zero{z}": [*overrides, f"parallel.zero_stage={z}"] for z in (0, 1, 2, 3)}
     tasks = [train_task(name, tmp_path / "runs", *o) for name, o in layouts.items()]
     results, _ = torchrun(2, tasks, tmp_path / "job", tiny_dataset, tiny_vocab_size)
     for name in layouts:
