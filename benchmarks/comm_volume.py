@@ -22,9 +22,6 @@ The few scalar all-reduces of a step (loss, grad norm, expert load; tens of byte
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import parallel_bench as pb
@@ -107,24 +104,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        pb.worker(sys.argv[2], measure)
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
-    args = ap.parse_args()
-    rows = []
     plan = {2: list(LAYOUTS), 4: ["dp (ZeRO-0)", "ZeRO-1", "ZeRO-2", "ZeRO-3", "TP", "EP"]}
-    for world, layouts in plan.items():
-        for row in pb.launch(Path(__file__), world, [{"layout": name} for name in layouts]):
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
-    if not args.json:
-        print(table(rows))
-    if args.write_docs:
-        pb.write_docs("comm_volume", "Communication per step (`benchmarks/comm_volume.py`)", table(rows))
+    pb.main(
+        Path(__file__),
+        measure,
+        lambda args: [(world, [{"layout": name} for name in layouts]) for world, layouts in plan.items()],
+        table,
+        ("comm_volume", "Communication per step (`benchmarks/comm_volume.py`)"),
+    )
 
 
 if __name__ == "__main__":

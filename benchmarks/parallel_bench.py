@@ -9,6 +9,7 @@ show sizes and overheads, not speed-ups.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,39 @@ def launch(script: Path, world: int, cases: list[dict]) -> list[dict]:
         if proc.returncode != 0:
             raise SystemExit(f"{script.name} world {world} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
         return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def main(
+    script: Path,
+    measure: Callable[[dict], dict | None],
+    plan: Callable[[argparse.Namespace], Iterable[tuple[int, list[dict]]]],
+    table: Callable[[list[dict]], str],
+    docs: tuple[str, str],
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda ap: None,
+) -> None:
+    """The command line of every parallelism benchmark. ``script --worker SPEC`` (under torchrun) measures cases;
+    otherwise ``plan(args)`` gives (world size, cases) pairs, each launched once, and the rows print as JSON lines
+    (``--json``) or as ``table(rows)``, which ``--write-docs`` also writes into docs/benchmarks.md under
+    ``docs = (marker, section title)``."""
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], measure)
+        return
+    doc = sys.modules["__main__"].__doc__ or script.stem
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="one JSON object per row")
+    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
+    add_arguments(ap)
+    args = ap.parse_args()
+    rows = []
+    for world, cases in plan(args):
+        for row in launch(script, world, cases):
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print(table(rows))
+    if args.write_docs:
+        write_docs(*docs, table(rows))
 
 
 def worker(spec_path: str, measure: Callable[[dict], dict | None]) -> None:

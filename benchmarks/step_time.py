@@ -11,9 +11,6 @@ the same layouts trade these overheads against memory and per-device compute.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import parallel_bench as pb
@@ -92,24 +89,16 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        pb.worker(sys.argv[2], measure)
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
-    ap.add_argument("--steps", type=int, default=5)
-    args = ap.parse_args()
-    rows = []
-    for world, layouts in LAYOUTS.items():
-        for row in pb.launch(Path(__file__), world, [{"layout": n, "steps": args.steps} for n in layouts]):
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
-    if not args.json:
-        print(table(rows))
-    if args.write_docs:
-        pb.write_docs("step_time", "Step time per layout (`benchmarks/step_time.py`)", table(rows))
+    pb.main(
+        Path(__file__),
+        measure,
+        lambda args: [
+            (world, [{"layout": n, "steps": args.steps} for n in layouts]) for world, layouts in LAYOUTS.items()
+        ],
+        table,
+        ("step_time", "Step time per layout (`benchmarks/step_time.py`)"),
+        lambda ap: ap.add_argument("--steps", type=int, default=5),
+    )
 
 
 if __name__ == "__main__":

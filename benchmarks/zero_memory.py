@@ -14,9 +14,6 @@ g=2, K=12: bf16 working copies plus an fp32 master copy inside the optimizer sta
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import parallel_bench as pb
@@ -99,27 +96,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cases(args) -> list[tuple[int, list[dict]]]:
+    stages = [{"stage": s, "dtype": "fp32"} for s in (0, 1, 2, 3)] + [{"stage": s, "dtype": "bf16"} for s in (0, 2, 3)]
+    return [(int(world), stages) for world in args.worlds.split(",")]
+
+
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        pb.worker(sys.argv[2], measure)
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="one JSON object per row")
-    ap.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
-    ap.add_argument("--worlds", default="2,4")
-    args = ap.parse_args()
-    rows = []
-    for world in [int(w) for w in args.worlds.split(",")]:
-        cases = [{"stage": s, "dtype": "fp32"} for s in (0, 1, 2, 3)]
-        cases += [{"stage": s, "dtype": "bf16"} for s in (0, 2, 3)]
-        for row in pb.launch(Path(__file__), world, cases):
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
-    if not args.json:
-        print(table(rows))
-    if args.write_docs:
-        pb.write_docs("zero_memory", "ZeRO memory per rank (`benchmarks/zero_memory.py`)", table(rows))
+    pb.main(
+        Path(__file__),
+        measure,
+        cases,
+        table,
+        ("zero_memory", "ZeRO memory per rank (`benchmarks/zero_memory.py`)"),
+        lambda ap: ap.add_argument("--worlds", default="2,4"),
+    )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import torch
 
 from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.cli import main
-from sparselm.config import load_config
 from sparselm.eval.formats import load_examples
 from sparselm.eval.harness import evaluate_task, fewshot_prefix, read_results
 from sparselm.eval.loglik import Scorer
 from sparselm.eval.tasks import builtin_tasks, load_task
 from sparselm.train.trainer import train
+from tiny_run import tiny_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"evaluation data not found at {SHARED_DATA}")
@@ -34,31 +34,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_dataset: Path, tiny_vocab_size: int, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MoE trained for 10 steps (checkpoints at steps 5 and 10); max_seq_len 64 forces context truncation."""
-    cfg = load_config(
-        None,
-        [
-            f"model.vocab_size={tiny_vocab_size}",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=64",
-            "moe.num_experts=4",
-            f"data.path={tiny_dataset}",
-            "data.seq_len=32",
-            "optim.lr=3e-3",
-            "optim.warmup_steps=2",
-            "train.max_steps=10",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=8",
-            "train.precision=fp32",
-            "train.eval_every=0",
-            "train.threads=1",
-            "checkpoint.every=5",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "logging.peak_flops=1e11",
-        ],
+    cfg = tiny_config(
+        tiny_dataset,
+        tiny_vocab_size,
+        "train.max_steps=10",
+        "train.micro_batch_size=8",
+        "train.eval_every=0",
+        "train.threads=1",
+        "checkpoint.every=5",
     )
     run = tmp_path_factory.mktemp("eval_run") / "run"
     train(cfg, run)

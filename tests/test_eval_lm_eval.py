@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from sparselm.checkpoint.inference import load_checkpoint
-from sparselm.config import load_config
 from sparselm.eval.formats import load_examples, split_wikitext
 from sparselm.eval.harness import evaluate_task
 from sparselm.eval.loglik import Scorer
 from sparselm.eval.tasks import load_task, task_from_file
 from sparselm.train.trainer import train
+from tiny_run import tiny_config
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOUNDRY = SHARED_DATA / "llm-foundry-eval"
@@ -35,29 +35,15 @@ def offline_one_thread(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture(scope="module")
 def ckpt(tiny_dataset: Path, tiny_vocab_size: int, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = load_config(
-        None,
-        [
-            f"model.vocab_size={tiny_vocab_size}",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=64",
-            "moe.num_experts=4",
-            f"data.path={tiny_dataset}",
-            "data.seq_len=32",
-            "train.max_steps=6",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=8",
-            "train.precision=fp32",
-            "train.eval_every=0",
-            "train.threads=1",
-            "checkpoint.every=6",
-            "logging.progress=false",
-            "logging.tensorboard=false",
-            "logging.peak_flops=1e11",
-        ],
+    cfg = tiny_config(
+        tiny_dataset,
+        tiny_vocab_size,
+        "optim.lr=3e-4",
+        "optim.warmup_steps=100",
+        "train.max_steps=6",
+        "train.micro_batch_size=8",
+        "train.eval_every=0",
+        "train.threads=1",
     )
     run = tmp_path_factory.mktemp("lm_eval_run") / "run"
     train(cfg, run)

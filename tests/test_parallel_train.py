@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_run
 from sparselm.config import Config, apply_overrides, load_config
 
 GOLDEN = Path(__file__).parent / "golden" / "losses.json"
@@ -46,33 +47,10 @@ NOISY = ["moe.jitter=0.1", "model.dropout=0.1", "parallel.zero_stage=2", "checkp
 
 
 def tiny_config(data_dir: str | Path, vocab_size: int, *overrides: str) -> Config:
-    """d 32, 2 layers (the second an MoE of 4 experts, top-2), 12 steps of 8 sequences in micro-batches of 2 (so
-    1, 2 and 4 data-parallel ranks all see the same micro-batches, and the same aux losses)."""
-    base = [
-        f"model.vocab_size={vocab_size}",
-        "model.d_model=32",
-        "model.n_layers=2",
-        "model.n_heads=4",
-        "model.d_ff=64",
-        "model.max_seq_len=64",
-        "moe.num_experts=4",
-        "moe.top_k=2",
-        f"data.path={data_dir}",
-        "data.seq_len=32",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "train.max_steps=12",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=2",
-        "train.precision=fp32",
-        "train.eval_every=0",
-        "checkpoint.every=0",
-        "logging.log_every=1",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "logging.peak_flops=1e11",
-    ]
-    return apply_overrides(load_config(None, base), list(overrides))
+    """tests/tiny_run.py's run in micro-batches of 2 (so 1, 2 and 4 data-parallel ranks all see the same
+    micro-batches, and the same aux losses), without validation or checkpoints unless asked."""
+    base = ("train.micro_batch_size=2", "train.eval_every=0", "checkpoint.every=0")
+    return tiny_run.tiny_config(data_dir, vocab_size, *base, *overrides)
 
 
 # ---- the worker (runs inside torchrun) ----------------------------------------------------------------------------

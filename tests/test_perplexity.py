@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from sparselm.cli import main
-from sparselm.config import ModelConfig, MoEConfig, load_config
+from sparselm.config import ModelConfig, MoEConfig
 from sparselm.errors import InputError
 from sparselm.eval.loglik import Scorer
 from sparselm.eval.perplexity import stream_nll
 from sparselm.model.transformer import Transformer
+from tiny_run import SMALLEST_RUN, tiny_config
 
 VOCAB, MAX_LEN, EOD = 40, 24, 2
 
@@ -78,27 +79,7 @@ def test_ppl_cli_on_a_split_and_on_text(
 ) -> None:
     from sparselm.train.trainer import train
 
-    cfg = load_config(
-        None,
-        [
-            f"model.vocab_size={tiny_vocab_size}",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=2",
-            "model.d_ff=64",
-            "model.max_seq_len=32",
-            f"data.path={tiny_dataset}",
-            "data.seq_len=32",
-            "train.max_steps=2",
-            "train.global_batch_size=2",
-            "train.micro_batch_size=2",
-            "train.eval_every=0",
-            "checkpoint.every=0",
-            "logging.progress=false",
-            "logging.peak_flops=1e11",
-            "train.precision=fp32",
-        ],
-    )
+    cfg = tiny_config(tiny_dataset, tiny_vocab_size, *SMALLEST_RUN)
     train(cfg, tmp_path / "run")
     capsys.readouterr()
     assert main(["ppl", "--ckpt", str(tmp_path / "run"), "--input", str(tiny_dataset), "--json"]) == 0

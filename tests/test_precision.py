@@ -10,6 +10,7 @@ import torch
 from sparselm.config import load_config
 from sparselm.precision import cpu_matmul_speeds, resolve_precision
 from sparselm.train.trainer import train
+from tiny_run import SMALLEST_RUN, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -44,26 +45,7 @@ def test_unknown_precision_is_refused() -> None:
 
 
 def test_a_run_records_the_precision_it_computed_in(tiny_dataset: Path, tiny_vocab_size: int, tmp_path: Path) -> None:
-    cfg = load_config(
-        None,
-        [
-            f"model.vocab_size={tiny_vocab_size}",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=2",
-            "model.d_ff=64",
-            "model.max_seq_len=32",
-            f"data.path={tiny_dataset}",
-            "data.seq_len=32",
-            "train.max_steps=2",
-            "train.global_batch_size=2",
-            "train.micro_batch_size=2",
-            "train.eval_every=0",
-            "checkpoint.every=0",
-            "logging.progress=false",
-            "logging.peak_flops=1e11",
-        ],
-    )
+    cfg = tiny_config(tiny_dataset, tiny_vocab_size, *SMALLEST_RUN, "train.precision=auto")
     assert cfg.train.precision == "auto"  # the default
     train(cfg, tmp_path / "run")
     saved = load_config(tmp_path / "run" / "config.toml")

@@ -13,13 +13,14 @@ import torch
 
 from sparselm.checkpoint.inference import load_checkpoint
 from sparselm.cli import main
-from sparselm.config import Config, apply_overrides, load_config
+from sparselm.config import Config
 from sparselm.errors import ConfigError, DatabaseError
 from sparselm.model.retro import is_retrieval_parameter
 from sparselm.parallel.layout import validate_parallel
 from sparselm.retro.build import BuildOptions, build_database
 from sparselm.retro.training import train
 from test_parallel_train import torchrun, train_task
+from tiny_run import tiny_config
 
 M = 16
 RETRO = ["model.n_layers=4", "retro.enabled=true", f"retro.chunk_size={M}", "retro.cca_start=2", "retro.cca_every=2"]
@@ -42,30 +43,8 @@ def db(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(data: Path, vocab: int, *overrides: str) -> Config:
-    base = [
-        f"model.vocab_size={vocab}",
-        "model.d_model=32",
-        "model.n_layers=4",
-        "model.n_heads=4",
-        "model.d_ff=64",
-        "model.max_seq_len=64",
-        f"data.path={data}",
-        "data.seq_len=32",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "train.max_steps=12",
-        "train.global_batch_size=8",
-        "train.micro_batch_size=4",
-        "train.precision=fp32",
-        "train.eval_every=6",
-        "train.eval_batches=2",
-        "checkpoint.every=6",
-        "logging.log_every=1",
-        "logging.progress=false",
-        "logging.tensorboard=false",
-        "logging.peak_flops=1e11",
-    ]
-    return apply_overrides(load_config(None, base), list(overrides))
+    """tests/tiny_run.py's run with 4 dense layers (cross-attention needs depth; RETRO's own MoE is opt-in)."""
+    return tiny_config(data, vocab, "model.n_layers=4", "moe.num_experts=0", *overrides)
 
 
 @pytest.fixture(scope="module")

@@ -16,42 +16,12 @@ from sparselm.errors import CheckpointError, TrainingStopped
 from sparselm.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.metrics import read_metrics
 from sparselm.train.trainer import build_model, train
-
-
-def tiny_config(data_dir: Path, vocab_size: int, *overrides: str) -> Config:
-    cfg = load_config(
-        None,
-        [
-            f"model.vocab_size={vocab_size}",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=4",
-            "model.d_ff=64",
-            "model.max_seq_len=64",
-            "moe.num_experts=4",
-            "moe.top_k=2",
-            f"data.path={data_dir}",
-            "data.seq_len=32",
-            "optim.lr=3e-3",
-            "optim.warmup_steps=2",
-            "train.max_steps=12",
-            "train.global_batch_size=8",
-            "train.micro_batch_size=4",
-            "train.precision=fp32",
-            "train.eval_every=6",
-            "train.eval_batches=2",
-            "checkpoint.every=6",
-            "logging.log_every=1",
-            "logging.progress=false",
-            "logging.peak_flops=1e11",
-        ],
-    )
-    return apply_overrides(cfg, list(overrides))
+from tiny_run import tiny_config
 
 
 @pytest.fixture()
 def cfg(tiny_dataset: Path, tiny_vocab_size: int) -> Config:
-    return tiny_config(tiny_dataset, tiny_vocab_size)
+    return tiny_config(tiny_dataset, tiny_vocab_size, "logging.tensorboard=true")
 
 
 def test_run_directory_contents(cfg: Config, tmp_path: Path) -> None:
