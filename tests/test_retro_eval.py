@@ -113,13 +113,22 @@ def synthetic_results(gain: float) -> dict:
 
 def test_findings_follow_the_numbers_either_way() -> None:
     good = "\n".join(findings(synthetic_results(0.05)))
-    assert "0.0500 bits/byte below the baseline" in good and "beyond seed noise" in good
-    assert "falling as the database grows" in good and "no gain" in good
+    assert "0.0500 bits/byte below the baseline (better)" in good and "the difference is beyond seed noise" in good
+    assert (
+        "falling as the database grows" in good and "no gain" in good and "0.0500 higher (worse) than its real" in good
+    )
     bad = "\n".join(findings(synthetic_results(-0.02)))
-    assert "above the baseline" in bad and "not beyond seed noise" in bad
+    assert "0.0200 bits/byte above the baseline (worse)" in bad and "not beyond seed noise" in bad
     assert "not falling monotonically" in bad
-    assert verdict(synthetic_results(0.05)).startswith("**Verdict: the retrieved text helps the dense and MoE")
-    assert verdict(synthetic_results(-0.02)).startswith("**Verdict: at this scale the retrieved text changes nothing")
+    assert "one seed, read against the dense pair's seed spread of 0.0010" in bad  # the MoE runs one seed
+    assert verdict(synthetic_results(0.05)).startswith(
+        "**Verdict: RETRO beats its plain baseline beyond seed noise for the dense and MoE decoders**"
+    )
+    assert "the retrieved text itself does matter for the dense and MoE decoder" in verdict(synthetic_results(0.05))
+    worse = verdict(synthetic_results(-0.02))
+    assert worse.startswith("**Verdict: no RETRO model beats its plain baseline beyond seed noise** (")
+    assert "dense 0.0200 higher (worse), 2 seeds; MoE 0.0200 higher (worse), 1 seed;" in worse
+    assert "The retrieved text itself changes nothing measurable" in worse
 
 
 def test_wall_time_is_reported_against_the_budget(tmp_path: Path) -> None:
@@ -145,8 +154,9 @@ def test_wall_time_is_reported_against_the_budget(tmp_path: Path) -> None:
     assert "(summed over 2 invocations)" in wall_time(restarted)
 
 
-def test_committed_report_is_rendered_from_its_committed_results() -> None:
-    report = Path(__file__).resolve().parents[1] / "docs" / "results" / "retro-quick.md"
+@pytest.mark.parametrize("name", ["retro-quick", "retro"])
+def test_committed_report_is_rendered_from_its_committed_results(name: str) -> None:
+    report = Path(__file__).resolve().parents[1] / "docs" / "results" / f"{name}.md"
     results = json.loads((report.parent / report.stem / "results.json").read_text())
     plot = report.parent / report.stem / "bpb.png"
     assert render(results, plot, report) == report.read_text(encoding="utf-8")
