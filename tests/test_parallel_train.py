@@ -273,8 +273,8 @@ def job4(tiny_dataset: Path, tiny_vocab_size: int, tmp_path_factory: pytest.Temp
             "overrides": [*MOE, *dp2tp2, "parallel.zero_stage=2", "parallel.sequence_parallel=true"],
         },
     ]
-    results, _ = torchrun(4, tasks, out, tiny_dataset, tiny_vocab_size)
-    return {"results": results, "out": out, "source": source}
+    results, log = torchrun(4, tasks, out, tiny_dataset, tiny_vocab_size)
+    return {"results": results, "out": out, "source": source, "log": log}
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +362,15 @@ def test_two_rank_layouts_match_single_process(job2: dict, golden: dict) -> None
     assert len(trained) == 14
     for name, res in trained.items():
         assert_losses(name, res["losses"], *baseline_for(name, golden))
+
+
+def test_every_layout_ran_fused_adamw(job4: dict, job2: dict) -> None:
+    """optim.implementation = auto picks the fused kernel for FSDP2 and TP DTensors and ZeRO-1's slices too, so the
+    loss checks above are what shows it trains those layouts as the single-process foreach golden run did."""
+    for job in (job4, job2):
+        trained = sum(task_result.get("losses") is not None for task_result in job["results"].values())
+        assert job["log"].count(", AdamW fused") == trained, job["log"][-3000:]
+        assert "AdamW foreach" not in job["log"]
 
 
 def test_two_ranks_agree_on_precision_auto(job2: dict, golden: dict) -> None:

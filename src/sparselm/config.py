@@ -32,6 +32,9 @@ DType = Literal["fp32", "bf16"]
 # probability's gradient, so the router still learns from the task loss
 Top1Gate = Literal["probability", "straight_through"]
 LayerLosses = Literal["mean", "sum"]  # mean over MoE layers | sum (Switch, GShard, GLaM)
+# auto: torch's fused AdamW kernel where every parameter is a floating-point CPU/CUDA tensor (or DTensor), else
+# foreach | fused (an error where it cannot run) | foreach (the multi-tensor loop)
+AdamImplementation = Literal["auto", "fused", "foreach"]
 
 
 @dataclass
@@ -115,6 +118,7 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     expert_lr_scale: float = 1.0  # learning-rate multiplier for routed expert weights, which see a fraction of tokens
+    implementation: AdamImplementation = "auto"  # AdamW kernel (sparselm/optim.py); same update up to rounding
 
 
 @dataclass

@@ -25,6 +25,7 @@ from sparselm.config import Config, to_toml, validate
 from sparselm.data.loader import BatchSampler, TokenShards, eval_batches
 from sparselm.errors import ConfigError, TrainingStopped
 from sparselm.model.transformer import Transformer
+from sparselm.optim import implementation_of
 from sparselm.parallel.runtime import Runtime, create_runtime
 from sparselm.params.counting import flops_per_token
 from sparselm.precision import autocast, measure_matmul_flops
@@ -240,7 +241,7 @@ class _Run:
                 self.say("it holds weights only: a fresh optimizer starts from them (and a fresh data order)")
         elif resume:
             self.say(f"--resume: no checkpoint in {run_dir}, starting from step 0")
-        self.say(f"layout: {runtime.describe()}")
+        self.say(f"layout: {runtime.describe()}, AdamW {implementation_of(self.optimizer)}")
         if runtime.distributed and cfg.parallel.cpu_offload and runtime.device.type == "cpu":
             self.say("parallel.cpu_offload: the model already lives in CPU memory here, so it changes nothing")
         if runtime.is_main:
