@@ -67,6 +67,7 @@ def breakdown(model, tokenizer, requests, precision: str, batches=(1, 16), steps
             row["engine outside the forward (schedule, batch, sample, text)"] = (total - spent["forward"]) / steps * 1e3
             row["step"] = total / steps * 1e3
             out[batch] = row
+            engine.release_threads()
             del engine
     finally:
         for cls, name, original in originals:
