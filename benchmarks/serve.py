@@ -175,17 +175,21 @@ def _die_with_parent() -> None:
 
 
 class Server:
-    def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str]) -> None:
+    """``sparselm serve`` in a child process. ``launch`` replaces ``-m sparselm`` (serve_compare.py runs other
+    trees and uvicorn settings through it), ``env`` adds to the environment."""
+
+    def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str], launch: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sparselm", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
+        cmd = [sys.executable, *(launch or ["-m", "sparselm"]), "serve", "--ckpt", str(ckpt), "--port", str(self.port),
                "--precision", precision, "--threads", str(threads), "--log-level", "warning", "--model-name", "bench",
                *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
