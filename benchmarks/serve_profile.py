@@ -8,7 +8,7 @@ the server and alone, the engine thread's CPU ms, the event-loop thread's CPU ms
 ``--profile`` adds cProfile of the event-loop thread (top functions by own time).
 
     python benchmarks/serve_profile.py [--case demo-moe] [--concurrency 16] [--requests 32] [--threads 2]
-        [--engine-threads auto] [--profile]
+        [--step-threads auto] [--plain-uvicorn] [--profile]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from serve import build, make_requests, save, tokenizer_and_text
 from serve_load import Request, run_load, summarize
+from sparselm.precision import resolve_precision
 from sparselm.serve.command import bound_kernel_caches
 from sparselm.serve.sequence import Status
 
@@ -43,9 +44,11 @@ def thread_cpu(ident: int) -> float:
 
 def client_main(base: str, path: str, concurrency: int) -> None:
     requests = [Request(**r) for r in json.loads(Path(path).read_text())]
+    before = resource.getrusage(resource.RUSAGE_SELF)
     results, seconds = asyncio.run(run_load(base, requests, "bench", concurrency=concurrency, timeout=3600))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({**summarize(results, seconds), "cpu_seconds": usage.ru_utime + usage.ru_stime}))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    print(json.dumps({**summarize(results, seconds), "cpu_seconds": cpu}))
 
 
 def alone(engine, requests: list[Request], concurrency: int) -> dict:
@@ -76,9 +79,10 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--engine-threads", default=None, help="the server's --engine-threads, when it has one")
+    ap.add_argument("--step-threads", default=None, help="the server's --step-threads (a tree that has it)")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--plain-uvicorn", action="store_true", help="asyncio + h11 even where uvloop and httptools are")
     ap.add_argument("--client", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
@@ -96,9 +100,9 @@ def main() -> None:
     ckpt = save(model, cfg, tokenizer, work / args.case)
     del model
     requests = make_requests(ids, args.requests, seed=1, eod=tokenizer.eod_id)
-    engine_cfg = {"max_num_seqs": 64, "precision": args.precision}
-    if args.engine_threads is not None:
-        engine_cfg["threads"] = args.engine_threads
+    engine_cfg = {"max_num_seqs": 64, "precision": resolve_precision(args.precision, torch.device("cpu"))}
+    if args.step_threads is not None:
+        engine_cfg["step_threads"] = args.step_threads
     config = ServerConfig(ckpt=str(ckpt), model_name="bench", engine=EngineConfig(**engine_cfg), max_queue=100000,
                           threads=args.threads)  # fmt: skip
     state = ServerState(config)
@@ -107,7 +111,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config, state), port=port, log_level="warning"))
+    plain = {"loop": "asyncio", "http": "h11"} if args.plain_uvicorn else {}
+    server = uvicorn.Server(uvicorn.Config(create_app(config, state), port=port, log_level="warning", **plain))
     profiler = cProfile.Profile() if args.profile else None
     loop_ident = []
 
@@ -149,19 +154,19 @@ def main() -> None:
     load = work / "load.json"
     load.write_text(json.dumps([r.__dict__ for r in requests]))
     loop_cpu0, engine_cpu0 = thread_cpu(loop_ident[0]), thread_cpu(state.loop.thread.ident)
-    wall0 = time.perf_counter()
     client = subprocess.run([sys.executable, __file__, "--client", base, str(load), str(args.concurrency)],
                             capture_output=True, text=True)  # fmt: skip
     if client.returncode:
         raise SystemExit(f"the load generator failed: {client.stderr[-2000:]}")
-    wall = time.perf_counter() - wall0
     loop_cpu = thread_cpu(loop_ident[0]) - loop_cpu0
     engine_cpu = thread_cpu(state.loop.thread.ident) - engine_cpu0
     served = json.loads(client.stdout.strip().splitlines()[-1])
+    wall = served["seconds"]  # the load alone (the client's start-up is not in it; the CPU figures include it)
     server.should_exit = True
     time.sleep(1.0)
     state.loop.stop()
     engine.step = step
+    engine.on_outputs = None  # (a tree that has it) the server's event loop is gone
     n = len(steps)
     full = [s for s in steps if s[2] >= args.concurrency - 1]
     report = {
@@ -179,7 +184,7 @@ def main() -> None:
         "engine_step_cpu_ms_per_step": 1e3 * sum(s[1] for s in steps) / n,
         "engine_idle_ms_per_step": 1e3 * (wall - sum(s[0] for s in steps)) / n,
         "loop_thread_cpu_ms_per_step": 1e3 * loop_cpu / n,
-        "client_cpu_ms_per_step": 1e3 * served["cpu_seconds"] / n,
+        "client_cpu_ms_per_step": 1e3 * served["cpu_seconds"] / n,  # during the load
     }
     a = alone(engine, requests, args.concurrency)
     report.update(alone_steps=a["steps"], alone_step_ms=a["step_ms"], alone_output_throughput=a["output_throughput"])

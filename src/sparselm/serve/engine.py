@@ -129,7 +129,6 @@ class Engine:
         self.on_outputs: Callable[[list[SequenceOutput]], None] | None = None  # every step's outputs, in one call
         self._outputs: list[SequenceOutput] = []
         self.max_threads = torch.get_num_threads()  # the pool the process was given (--threads)
-        self._threads = self.max_threads
 
     # ------------------------------------------------------------------------------------------- requests
     def check_prompt(self, prompt: list[int]) -> None:
@@ -243,10 +242,11 @@ class Engine:
         self.stats.seconds["forward"] += t2 - t1
         self.stats.seconds["sample"] += t3 - t2
 
-    def _use_threads(self, threads: int) -> None:
-        if threads != self._threads:  # only on a change: setting the count costs tens of microseconds
+    @staticmethod
+    def _use_threads(threads: int) -> None:
+        # Only on a change (setting the count costs tens of microseconds); the count is the calling thread's.
+        if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-            self._threads = threads
 
     def release_threads(self) -> None:
         """Give the process back the thread count it had (call when the engine goes idle)."""
