@@ -48,10 +48,10 @@ class EngineStats:
 
 
 # ``step_threads = auto``: a step of at most this many tokens runs on one torch thread, a larger one on all of them
-# (the process's --threads). Measured through the server on both benchmark models, 1 against 2 threads at each
-# concurrency (docs/benchmarks.md, "Torch threads per step"): below it the second thread's core serves the HTTP side
-# better than it speeds up the forward.
-ONE_THREAD_MAX_TOKENS = 64
+# (the process's --threads). Measured through the server (demo MoE, bf16, 2 cores), 1 against 2 threads for every
+# step: at concurrency 1 and 4 one thread gave more tokens/s and a lower TPOT, at 16 and 64 two threads did
+# (docs/benchmarks.md, "Torch threads per step"); the boundary is put between 4 and 16 tokens.
+ONE_THREAD_MAX_TOKENS = 8
 
 
 def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
