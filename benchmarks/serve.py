@@ -15,7 +15,8 @@ data_cache/default if `make demo` prepared it, else the last embedded book); out
 checking that every well-formed request completes, every KV block is free at the end and RSS stays flat.
 
     python benchmarks/serve.py [--json] [--quick] [--soak] [--write-docs] [--cases demo-moe,moe-d512-l8-e16]
-        [--precisions fp32,bf16]
+        [--precisions fp32,bf16] [--report FILE]
+    python benchmarks/serve.py --docs-from FILE,FILE [--write-docs]     # one table from runs made one case each
 """
 
 from __future__ import annotations
@@ -175,17 +176,21 @@ def _die_with_parent() -> None:
 
 
 class Server:
-    def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str]) -> None:
+    """``sparselm serve`` in a child process. ``launch`` replaces ``-m sparselm`` (serve_compare.py runs other
+    trees and uvicorn settings through it), ``env`` adds to the environment."""
+
+    def __init__(self, ckpt: Path, precision: str, threads: int, extra: list[str], launch: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:  # fmt: skip
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sparselm", "serve", "--ckpt", str(ckpt), "--port", str(self.port),
+        cmd = [sys.executable, *(launch or ["-m", "sparselm"]), "serve", "--ckpt", str(ckpt), "--port", str(self.port),
                "--precision", precision, "--threads", str(threads), "--log-level", "warning", "--model-name", "bench",
                *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -274,7 +279,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model (default: data_cache/tokenizer.model)")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--report", default=None, help="also write the whole report (JSON) here")
+    ap.add_argument("--docs-from", default=None, help="comma-separated --report files: their cases, one docs table")
     args = ap.parse_args()
+    if args.docs_from:  # cases measured in separate runs (each short enough to hold the machine alone)
+        reports = [json.loads(Path(f).read_text()) for f in args.docs_from.split(",")]
+        report = {**reports[0], "cases": [c for r in reports for c in r["cases"]]}
+        for case in report["cases"]:  # JSON made the breakdown's batch sizes strings
+            case["breakdown"] = {int(k): v for k, v in case["breakdown"].items()}
+        report["runs_measured"] = [r["machine"] for r in reports]
+        text = format_docs(report)
+        print(text)
+        if args.write_docs:
+            write_docs(text)
+        return
     torch.set_num_threads(args.threads)
     precisions = [resolve_precision(p.strip(), torch.device("cpu")) for p in args.precisions.split(",")]
     tokenizer, ids, source = tokenizer_and_text(Path(args.tokenizer) if args.tokenizer else None)
@@ -288,6 +306,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["machine"]["load_after"] = os.getloadavg()[0]
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, default=str))
     text = format_docs(report)
     if not args.json:
         print(text)

@@ -67,6 +67,7 @@ def breakdown(model, tokenizer, requests, precision: str, batches=(1, 16), steps
             row["engine outside the forward (schedule, batch, sample, text)"] = (total - spent["forward"]) / steps * 1e3
             row["step"] = total / steps * 1e3
             out[batch] = row
+            engine.release_threads()
             del engine
     finally:
         for cls, name, original in originals:
@@ -82,13 +83,17 @@ def _p(d: dict | None) -> str:
 
 def format_docs(report: dict) -> str:
     m = report["machine"]
+    runs = report.get("runs_measured", [m])  # one run, or one per case (serve.py --docs-from)
+    when = "; ".join(r["date"] for r in runs) + (
+        f" ({len(runs)} runs, one per case, in that order)" if len(runs) > 1 else ""
+    )
+    loads = "; ".join(f"{r['load_before']:.1f} before and {r.get('load_after', 0):.1f} after" for r in runs)
     lines = [
-        f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores; avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, "
+        f"Measured {when} on {m['cpu']} ({m['cores']} cores; avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, "
         f"amx_bf16 {'yes' if m['amx_bf16'] else 'no'}), torch {m['torch']}, {report['threads']} threads; 1-minute "
-        f"load average {m['load_before']:.1f} before the run and {m.get('load_after', 0):.1f} after (2 cores: above ~2 "
-        "means other jobs shared them). Server and load generator share the cores. Prompts: 32-512 tokens "
-        f"cut from {report['prompt_source']}; outputs 32-256 tokens (ignore_eos), greedy; latencies in ms "
-        "(p50 / p90 / p99).",
+        f"load average {loads} (2 cores: above ~2 means other jobs shared them). Server and load generator share "
+        f"the cores. Prompts: 32-512 tokens cut from {report['prompt_source']}; outputs 32-256 tokens (ignore_eos), "
+        "greedy; latencies in ms (p50 / p90 / p99).",
     ]
     for case in report["cases"]:
         lines += ["", f"**{case['case']}**, {case['precision']} weights and KV cache ({case['params'] / 1e6:.1f}M "

@@ -13,7 +13,7 @@ from sparselm.config import ModelConfig, MoEConfig
 from sparselm.errors import InputError
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
-from sparselm.serve.engine import Engine
+from sparselm.serve.engine import ONE_THREAD_MAX_TOKENS, Engine, threads_for_step
 from sparselm.serve.kv_cache import BlockPool, block_hash
 from sparselm.serve.params import EngineConfig, SamplingParams, parse_bytes
 from sparselm.serve.sequence import Status, TextTracker
@@ -201,16 +201,47 @@ def test_abort_frees_blocks_within_one_step() -> None:
     for _ in range(3):
         engine.step()
     assert engine.pool.num_used > 0
-    outputs = []
-    seqs[1].sink = outputs.append
+    calls = []
+    engine.on_outputs = calls.append
     engine.abort("r1")
-    engine.step()
+    returned = engine.step()
     assert seqs[1].status is Status.FINISHED and seqs[1].finish_reason == "abort" and not seqs[1].blocks
-    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    # one call for the whole step: the abort and the two other sequences' new tokens
+    assert calls == [returned] and sorted(o.request_id for o in returned) == ["r0", "r1", "r2"]
+    aborted = next(o for o in returned if o.request_id == "r1")
+    assert aborted.finished and aborted.finish_reason == "abort" and not aborted.new_tokens
     engine.abort("r0")
     engine.abort("r2")
     engine.step()
     assert engine.pool.num_used == 0 and not engine.has_work()
+
+
+def test_step_threads_setting_and_auto_rule() -> None:
+    assert threads_for_step("auto", 1, 2) == 1 and threads_for_step("auto", ONE_THREAD_MAX_TOKENS, 4) == 1
+    assert threads_for_step("auto", ONE_THREAD_MAX_TOKENS + 1, 4) == 4 and threads_for_step("3", 1, 2) == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(InputError, match="step_threads must be auto or a whole number"):
+            EngineConfig(step_threads=bad)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = make_model(max_seq_len=ONE_THREAD_MAX_TOKENS + 32)
+        engine = Engine(model, FakeTokenizer(), EngineConfig(precision="fp32"))
+        long = [3 + i % 60 for i in range(ONE_THREAD_MAX_TOKENS + 10)]  # its prefill step is not small: both threads
+        used = []
+        step = engine._step
+
+        def watched() -> None:
+            step()
+            used.append(torch.get_num_threads())
+
+        engine._step = watched
+        seqs = engine.generate([long, long[:5]], SamplingParams(max_tokens=3, ignore_eos=True))
+        assert used[0] == 2 and set(used[1:]) == {1}, used  # then two decoding sequences a step: one thread
+        assert all(s.status is Status.FINISHED for s in seqs)
+        assert torch.get_num_threads() == 2  # generate gives the process its threads back
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch() -> None:

@@ -6,9 +6,9 @@ failed) and ``GET /metrics`` (Prometheus). Errors are OpenAI-shaped JSON: 400 ba
 types, max_tokens <= 0, a prompt longer than the context, with the numbers), 404 unknown model, 413 body over
 ``max_body_bytes``, 429 when ``max_queue`` sequences already wait (answered at once), 503 not ready.
 
-The engine runs in its own thread (``EngineLoop``); each request's sequences send their outputs into an asyncio
-queue of the request. A client that disconnects (streaming or not) aborts its request, which frees its KV blocks at
-the start of the next engine step.
+The engine runs in its own thread (``EngineLoop``) and hands each step's outputs over in one call, which becomes one
+event-loop callback that puts each output into its request's asyncio queue. A client that disconnects (streaming
+or not) aborts its request, which frees its KV blocks at the start of the next engine step.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ServerConfig:
     max_queue: int = 256  # sequences waiting before new requests get 429
     max_body_bytes: int = 1 << 20
     chat_template: str | None = None
-    threads: int = 0  # torch intra-op threads (0: torch's default)
+    threads: int = 0  # torch intra-op threads at most (0: torch's default); EngineConfig.step_threads picks per step
 
 
 class ServerState:
@@ -59,7 +59,8 @@ class ServerState:
         self.status = "loading"  # loading | ready | draining | failed
         self.error: str | None = None
         self.engine = None
-        self.loop = None
+        self.loop = None  # the EngineLoop
+        self.event_loop = None  # asyncio's, set when the app starts
         self.tokenizer = None
         self.chat = None
         self.metrics = ServerMetrics(lambda: self.engine)
@@ -80,6 +81,7 @@ class ServerState:
             model, _, tokenizer = load_checkpoint(self.config.ckpt)
             self.chat = ChatTemplate.load(self.config.chat_template, resolve_checkpoint(self.config.ckpt))
             engine = Engine(model, tokenizer, self.config.engine, warn=log.warning)
+            engine.on_outputs = self.deliver
             self.tokenizer, self.engine = tokenizer, engine
             self.loop = EngineLoop(engine, on_error=self.engine_failed)
             self.loop.start()
@@ -94,6 +96,18 @@ class ServerState:
         except Exception as exc:  # a bug: keep the traceback in the log
             log.exception("loading the model failed")
             self._fail(f"{type(exc).__name__}: {exc}")
+
+    def deliver(self, outputs) -> None:
+        """(engine thread) One step's outputs: one callback on the event loop, whatever their number."""
+        self.event_loop.call_soon_threadsafe(self.dispatch, outputs)
+
+    def dispatch(self, outputs) -> None:
+        """(event loop) Each output to its request's queue; outputs of requests already gone are dropped."""
+        active = self.active
+        for out in outputs:
+            stream = active.get(out.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(out)
 
     def _fail(self, message: str) -> None:
         self.status, self.error = "failed", message
@@ -151,6 +165,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.event_loop = asyncio.get_running_loop()
         threading.Thread(target=state.load, name="sparselm-load", daemon=True).start()
         yield
         state.shutdown()
@@ -298,7 +313,7 @@ async def _serve(request: Request, state: ServerState, req, chat: bool):
     try:
         for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
             for j in range(req.n):
-                engine.add_request(request_id, ids, sp, index=i * req.n + j, sink=stream.sink)
+                engine.add_request(request_id, ids, sp, index=i * req.n + j)
     except BaseException:
         state.active.pop(request_id, None)
         engine.abort(request_id)

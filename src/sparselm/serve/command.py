@@ -47,7 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", default="1MiB", help="largest request body (bigger ones get 413)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: see docs/serving.md)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads at most (default: torch's choice)")
+    p.add_argument(
+        "--step-threads",
+        default="auto",
+        help="torch threads per engine step: auto (one for small steps, leaving a core to the HTTP side; all "
+        "--threads for large ones: docs/serving.md) or a number for every step",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the seeds of requests that bring none")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -70,6 +76,7 @@ def build(args: argparse.Namespace):
         prefix_caching=not args.no_prefix_caching,
         precision=args.precision,
         seed=args.seed,
+        step_threads=args.step_threads,
     )
     for name in ("max_queue", "port"):
         if getattr(args, name) < 0:

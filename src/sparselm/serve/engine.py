@@ -1,13 +1,18 @@
 """The serving engine: continuous batching over a paged KV cache, one packed forward of the model per step.
 
 No HTTP here: ``Engine`` is used from Python (``generate`` runs prompts to completion) and by the server, which
-runs ``step`` in a thread of its own (``EngineLoop``) and hears from each sequence through its ``sink``.
+runs ``step`` in a thread of its own (``EngineLoop``) and hears of every step's outputs at once through
+``on_outputs`` (one call per step, whatever the number of sequences: the server turns it into one event-loop
+callback).
 
 One step: take new requests and aborts; schedule (``Scheduler``); lay the scheduled tokens out as one packed row
 (decoding sequences first, then prefill chunks) with each token's position and KV slot; one forward of the model
 under ``torch.inference_mode`` in which every MoE layer routes all of the step's tokens together (each expert
 multiplies one block of rows); logits only for the rows that sample a token or score a prompt token; sample each
 sequence with its own settings and generator; record tokens, logprobs and text; free what finished.
+
+Torch's intra-op threads are chosen per step (``EngineConfig.step_threads``, see ``threads_for_step``): a small step
+gains little from a second thread, and in the server that thread's core is what the HTTP side needs.
 """
 
 from __future__ import annotations
@@ -40,6 +45,20 @@ class EngineStats:
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0})
     seconds: dict[str, float] = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0})
+
+
+# ``step_threads = auto``: a step of at most this many tokens runs on one torch thread, a larger one on all of them
+# (the process's --threads). Measured through the server (demo MoE, bf16, 2 cores), 1 against 2 threads for every
+# step: at concurrency 1 and 4 one thread gave more tokens/s and a lower TPOT, at 16 and 64 two threads did
+# (docs/benchmarks.md, "Torch threads per step"); the boundary is put between 4 and 16 tokens.
+ONE_THREAD_MAX_TOKENS = 8
+
+
+def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
+    """Torch intra-op threads for a step of ``tokens`` tokens under the ``step_threads`` setting."""
+    if setting != "auto":
+        return int(setting)
+    return 1 if tokens <= ONE_THREAD_MAX_TOKENS else max_threads
 
 
 def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
@@ -107,6 +126,9 @@ class Engine:
         self._lock = threading.Lock()
         self._by_request: dict[str, list[Sequence]] = {}
         self.wakeup = threading.Event()
+        self.on_outputs: Callable[[list[SequenceOutput]], None] | None = None  # every step's outputs, in one call
+        self._outputs: list[SequenceOutput] = []
+        self.max_threads = torch.get_num_threads()  # the pool the process was given (--threads)
 
     # ------------------------------------------------------------------------------------------- requests
     def check_prompt(self, prompt: list[int]) -> None:
@@ -128,7 +150,6 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         index: int = 0,
-        sink: Callable[[SequenceOutput], None] | None = None,
     ) -> Sequence:
         """Queue one sequence (thread-safe); it joins the running batch at the next step."""
         self.check_prompt(prompt)
@@ -137,7 +158,7 @@ class Engine:
                 params.seed + index if params.seed is not None else int(torch.randint(2**62, (), generator=self._seeds))
             )
         seq = Sequence(next(self._ids), request_id, list(prompt), params, torch.Generator().manual_seed(seed))
-        seq.index, seq.sink = index, sink
+        seq.index = index
         seq.text_tracker = TextTracker(self.tokenizer, seq.prompt, params.stop)
         with self._lock:
             self._inbox.append(seq)
@@ -171,13 +192,22 @@ class Engine:
                     self._emit(seq, [], "", [], finished=True)
 
     # ----------------------------------------------------------------------------------------------- step
-    @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
+        """Run one step; -> what it produced (also handed to ``on_outputs`` in one call, aborts included)."""
+        self._outputs = []
+        self._step()
+        outputs, self._outputs = self._outputs, []
+        if outputs and self.on_outputs is not None:
+            self.on_outputs(outputs)
+        return outputs
+
+    @torch.inference_mode()
+    def _step(self) -> None:
         t0 = time.perf_counter()
         self._take_inbox()
         plan = self.scheduler.schedule()
         if not plan:
-            return []
+            return
         plan.sort(key=lambda item: item[1] != 1)  # decoding sequences first (stable: oldest first)
         ids, positions, chunks, rows, wants = [], [], [], [], []
         for seq, n in plan:
@@ -197,6 +227,7 @@ class Engine:
         pos = torch.tensor([positions], dtype=torch.long, device=device)
         cache = StepCache(self.kv, chunks, device)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads))
         t1 = time.perf_counter()
         out = self.model(idx, positions=pos, cache=cache, output_rows=row_index)
         logits = out.logits.float()
@@ -204,15 +235,24 @@ class Engine:
         if out.moe_stats:
             self.expert_load += torch.stack([s.tokens_per_expert for s in out.moe_stats]).cpu()
         self.scheduler.computed(plan)
-        outputs = self._process(plan, logits, wants)
+        self._process(plan, logits, wants)
         t3 = time.perf_counter()
         self.stats.steps += 1
         self.stats.seconds["schedule"] += t1 - t0
         self.stats.seconds["forward"] += t2 - t1
         self.stats.seconds["sample"] += t3 - t2
-        return outputs
 
-    def _process(self, plan, logits: torch.Tensor, wants) -> list[SequenceOutput]:
+    @staticmethod
+    def _use_threads(threads: int) -> None:
+        # Only on a change (setting the count costs tens of microseconds); the count is the calling thread's.
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+    def release_threads(self) -> None:
+        """Give the process back the thread count it had (call when the engine goes idle)."""
+        self._use_threads(self.max_threads)
+
+    def _process(self, plan, logits: torch.Tensor, wants) -> None:
         """Prompt logprobs, then one new token for every sequence whose last token was fed."""
         sampling = []
         for (seq, n), (first, last) in zip(plan, wants, strict=True):
@@ -223,18 +263,16 @@ class Engine:
             if seq.num_computed == seq.num_tokens and last > first:
                 sampling.append((seq, last - 1))
         if not sampling:
-            return []
+            return
         rows = torch.tensor([r for _, r in sampling])
         chosen = logits.index_select(0, rows)
         tokens = sample_tokens(chosen, [seq for seq, _ in sampling])
         need_lp = [i for i, (seq, _) in enumerate(sampling) if seq.params.logprobs is not None]
         logprobs = dict(zip(need_lp, torch.log_softmax(chosen[need_lp], dim=-1), strict=True)) if need_lp else {}
-        outputs = []
         now = time.monotonic()
         for i, ((seq, _), token) in enumerate(zip(sampling, tokens, strict=True)):
             lps = [token_logprob(logprobs[i], token, seq.params.logprobs)] if i in logprobs else []
-            outputs.append(self._accept(seq, token, lps, now))
-        return outputs
+            self._accept(seq, token, lps, now)
 
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
         if not seq.prompt_logprobs:
@@ -283,8 +321,7 @@ class Engine:
 
     def _emit(self, seq, tokens, delta, lps, finished: bool) -> SequenceOutput:
         out = SequenceOutput(seq.request_id, seq.index, tokens, delta, lps, finished, seq.finish_reason, seq)
-        if seq.sink is not None:
-            seq.sink(out)
+        self._outputs.append(out)
         return out
 
     # ------------------------------------------------------------------------------------------ library use
@@ -293,8 +330,11 @@ class Engine:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         seqs = [self.add_request(f"gen-{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        while any(s.status is not Status.FINISHED for s in seqs):
-            self.step()
+        try:
+            while any(s.status is not Status.FINISHED for s in seqs):
+                self.step()
+        finally:
+            self.release_threads()
         return seqs
 
 
@@ -319,6 +359,7 @@ class EngineLoop:
         engine = self.engine
         while not self._stop.is_set():
             if not engine.has_work():
+                engine.release_threads()
                 engine.wakeup.wait(0.5)
                 engine.wakeup.clear()
                 continue

@@ -87,6 +87,7 @@ class EngineConfig:
     prefix_caching: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (weights and KV cache)
     seed: int = 0  # draws the seeds of requests that give none
+    step_threads: str = "auto"  # torch threads per step: auto (engine.threads_for_step) or a number for every step
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens"):
@@ -94,3 +95,6 @@ class EngineConfig:
         _integer("kv_cache_memory", self.kv_cache_memory, low=0)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        self.step_threads = str(self.step_threads)
+        if self.step_threads != "auto" and not (self.step_threads.isdigit() and int(self.step_threads) >= 1):
+            raise InputError(f"step_threads must be auto or a whole number >= 1, got {self.step_threads!r}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +32,7 @@ class TokenLogprob:
 
 @dataclass
 class SequenceOutput:
-    """What one step produced for one sequence (delivered to the sequence's sink)."""
+    """What one step produced for one sequence (the engine hands a step's outputs over together)."""
 
     request_id: str
     index: int
@@ -69,7 +68,6 @@ class Sequence:
     preemptions: int = 0
     tokens: list[int] = field(default_factory=list)  # prompt + output, kept as one list (read every step)
     index: int = 0  # which choice of its request this sequence is
-    sink: Callable[[SequenceOutput], None] | None = None  # where the engine sends this sequence's outputs
     text_tracker: TextTracker | None = None
 
     def __post_init__(self) -> None:

@@ -1,8 +1,9 @@
 """One HTTP request in flight: the outputs of its sequences, turned into an OpenAI response or a stream of chunks.
 
-The engine thread calls ``sink`` for every step's output of every sequence of the request; ``sink`` hands it to the
-request's asyncio queue. ``events`` (streaming) and ``result`` (not streaming) consume the queue; both abort the
-request in the engine if the client goes away or the consumer is cancelled.
+The engine hands each step's outputs to the server in one call, which the event loop sorts into the requests'
+asyncio queues (``ServerState.dispatch``). ``events`` (streaming) and ``result`` (not streaming) consume the queue;
+a stream that fell behind sends everything waiting in its queue in one write. Both abort the request in the engine
+if the client goes away or the consumer is cancelled.
 """
 
 from __future__ import annotations
@@ -54,26 +55,27 @@ class RequestStream:
         self.done = False
 
     # engine thread
-    def sink(self, out: SequenceOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-
     def fail(self, message: str) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, EngineFailure(message))
 
     # event loop
-    async def _outputs(self) -> AsyncIterator[SequenceOutput]:
+    async def _outputs(self) -> AsyncIterator[list[SequenceOutput]]:
+        """-> the outputs waiting in the queue, all of them at each wake-up, until every choice has finished."""
         try:
             while self.open:
-                out = await self.queue.get()
-                if isinstance(out, EngineFailure):
-                    raise out
-                choice = self.choices[out.index]
-                choice.seq = out.seq
-                if out.finished:
-                    self.open -= 1
-                    choice.finish_reason = out.finish_reason
-                    self.state.metrics.finished(out.seq, time.monotonic())
-                yield out
+                batch = [await self.queue.get()]
+                while not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                for out in batch:
+                    if isinstance(out, EngineFailure):
+                        raise out
+                    choice = self.choices[out.index]
+                    choice.seq = out.seq
+                    if out.finished:
+                        self.open -= 1
+                        choice.finish_reason = out.finish_reason
+                        self.state.metrics.finished(out.seq, time.monotonic())
+                yield batch
             self.done = True
         finally:
             self.state.active.pop(self.request_id, None)
@@ -137,12 +139,17 @@ class RequestStream:
                     for i in range(len(self.choices))]  # fmt: skip
             yield sse(self.envelope.chunk(role))
         try:
-            async for out in self._outputs():
-                choice = self._chunk_choice(out)
-                if choice is None:
-                    continue
-                last = self.open == 0
-                yield sse(self.envelope.chunk([choice], self._usage() if last and not include_usage else None))
+            async for batch in self._outputs():
+                events = []
+                for out in batch:
+                    choice = self._chunk_choice(out)
+                    if choice is None:
+                        continue
+                    last = self.open == 0 and out is batch[-1]
+                    final_usage = self._usage() if last and not include_usage else None
+                    events.append(sse(self.envelope.chunk([choice], final_usage)))
+                if events:
+                    yield "".join(events)
         except EngineFailure as exc:
             yield sse(error_body(str(exc), "server_error"))
         if include_usage and self.done:
