@@ -154,6 +154,13 @@ def retrieval_interval(r: dict, kind: str, against: str) -> tuple[float, float] 
     return tuple(found) if found is not None else None
 
 
+def _beyond_windows(r: dict, kind: str, against: str) -> bool:
+    """Whether real neighbours beat ``against`` over the evaluation windows (results without the interval: the point
+    estimate alone decides)."""
+    found = retrieval_interval(r, kind, against)
+    return found is None or found[1] < 0
+
+
 def _interval(r: dict, kind: str, against: str, what: str) -> str:
     found = retrieval_interval(r, kind, against)
     return (
@@ -199,11 +206,7 @@ def verdict(r: dict) -> str:
         for kind, label in KINDS
     }
     parts = ", ".join(f"{label} {value:+.4f}" for label, value in saved.items())
-    helped = [
-        label
-        for (kind, label) in KINDS
-        if saved[label] > NO_GAIN and (retrieval_interval(r, kind, "shuffled") or (0.0, -1.0))[1] < 0
-    ]
+    helped = [label for kind, label in KINDS if saved[label] > NO_GAIN and _beyond_windows(r, kind, "shuffled")]
     if helped:
         return (
             f"{lead} Inside the RETRO model the retrieved text itself does matter for the {' and '.join(helped)} "
