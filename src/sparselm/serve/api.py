@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`
 ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 once the model is loaded, 503 while loading, draining or
 failed) and ``GET /metrics`` (Prometheus). Errors are OpenAI-shaped JSON: 400 bad request (invalid JSON, wrong
 types, max_tokens <= 0, a prompt longer than the context, with the numbers), 404 unknown model, 413 body over
-``max_body_bytes``, 429 when ``max_queue`` sequences already wait (answered at once), 503 not ready.
+``max_body_bytes``, 429 when ``max_queue`` sequences already wait for a place in the running batch (answered at
+once), 503 not ready.
 
 The engine runs in its own thread (``EngineLoop``) and hands each step's outputs over in one call, which becomes one
 event-loop callback that puts each output into its request's asyncio queue. A client that disconnects (streaming
@@ -45,7 +46,7 @@ class ServerConfig:
     ckpt: str
     model_name: str
     engine: EngineConfig
-    max_queue: int = 256  # sequences waiting before new requests get 429
+    max_queue: int = 256  # sequences queued beyond the engine's max_num_seqs running places before requests get 429
     max_body_bytes: int = 1 << 20
     chat_template: str | None = None
     threads: int = 0  # torch intra-op threads at most (0: torch's default); EngineConfig.step_threads picks per step
@@ -301,12 +302,7 @@ async def _serve(request: Request, state: ServerState, req, chat: bool):
         if stop_extra:
             sp = SamplingParams(**{**sp.__dict__, "stop": tuple(dict.fromkeys(sp.stop + stop_extra))})
         params.append(sp)
-    waiting = engine.num_waiting
-    if waiting + len(prompts) * req.n > config.max_queue:
-        raise APIError(
-            429, f"server busy: {waiting} sequences are waiting (limit {config.max_queue}); retry later",
-            "rate_limit_error", code="queue_full",
-        )  # fmt: skip
+    _admit(engine, config, len(prompts) * req.n)
     request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     stream = RequestStream(state, request_id, req, chat, prompts, texts, asyncio.get_running_loop())
     state.active[request_id] = stream
@@ -322,6 +318,25 @@ async def _serve(request: Request, state: ServerState, req, chat: bool):
         return StreamingResponse(stream.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
     return JSONResponse(await stream.result(request))
+
+
+def _admit(engine, config: ServerConfig, new: int) -> None:
+    """429 unless ``new`` more sequences leave at most ``max_queue`` beyond the ``max_num_seqs`` running places.
+
+    Counted from all the engine's sequences, not from those outside the running batch: the engine takes new
+    sequences in only at the start of a step, so a request arriving while a step runs would otherwise be counted as
+    waiting although the batch has a place for it, and refusals would depend on the step thread's timing."""
+    places = engine.config.max_num_seqs
+    if new > places + config.max_queue:
+        raise APIError(400, f"this request makes {new} sequences (prompts x n); the server takes at most "
+                            f"{places + config.max_queue} at once ({places} running + {config.max_queue} queued)",
+                       param="n")  # fmt: skip
+    held = engine.num_sequences
+    if held + new > places + config.max_queue:
+        raise APIError(
+            429, f"server busy: {held} sequences are running or queued for {places} places in the batch and "
+                 f"{config.max_queue} in the queue; retry later", "rate_limit_error", code="queue_full",
+        )  # fmt: skip
 
 
 def checkpoint_name(ckpt: str) -> str:

@@ -43,7 +43,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bytes for the KV cache, e.g. 2GiB (default: room for --max-num-seqs sequences of the model's context)",
     )
     p.add_argument("--no-prefix-caching", action="store_true", help="do not share the blocks of repeated prefixes")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting sequences beyond which requests get 429")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences waiting for one of the --max-num-seqs running places beyond which requests get 429",
+    )
     p.add_argument("--max-body-bytes", default="1MiB", help="largest request body (bigger ones get 413)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: see docs/serving.md)")

@@ -125,6 +125,7 @@ class Engine:
         self._aborts: deque[str] = deque()
         self._lock = threading.Lock()
         self._by_request: dict[str, list[Sequence]] = {}
+        self._num_sequences = 0  # added and not yet finished or aborted, wherever they are (changed under _lock)
         self.wakeup = threading.Event()
         self.on_outputs: Callable[[list[SequenceOutput]], None] | None = None  # every step's outputs, in one call
         self._outputs: list[SequenceOutput] = []
@@ -162,6 +163,7 @@ class Engine:
         seq.text_tracker = TextTracker(self.tokenizer, seq.prompt, params.stop)
         with self._lock:
             self._inbox.append(seq)
+            self._num_sequences += 1
         self.wakeup.set()
         return seq
 
@@ -176,7 +178,15 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
+        """Sequences not in the running batch: queued, preempted, or added since the last step began."""
         return len(self.scheduler.waiting) + len(self._inbox)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences added and not yet finished: running, waiting, or in the inbox. Exact at any moment (what a
+        sequence leaving counts is taken off before its last output is handed over), unlike ``num_waiting``,
+        which also counts sequences the next step will start because the batch has room for them."""
+        return self._num_sequences
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -313,6 +323,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq)
+        with self._lock:
+            self._num_sequences -= 1
         seq.finish_reason = reason
         self.stats.finished[reason] += 1
         siblings = self._by_request.get(seq.request_id, [])
