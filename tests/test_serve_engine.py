@@ -216,6 +216,22 @@ def test_abort_frees_blocks_within_one_step() -> None:
     assert engine.pool.num_used == 0 and not engine.has_work()
 
 
+def test_num_sequences_counts_every_sequence_not_finished() -> None:
+    """What the server's --max-queue limit reads: sequences in the inbox count before a step takes them in, and a
+    finished or aborted one stops counting in the step that ends it."""
+    engine = Engine(make_model(), FakeTokenizer(), EngineConfig(block_size=4, max_num_seqs=2, precision="fp32"))
+    seqs = [
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=2 + 2 * i, ignore_eos=True))
+        for i, p in enumerate(random_prompts(4, 5))
+    ]
+    assert engine.num_sequences == 4 and engine.num_waiting == 4 and not engine.scheduler.running
+    engine.abort("r3")
+    while engine.has_work():
+        engine.step()
+        assert engine.num_sequences == sum(s.status is not Status.FINISHED for s in seqs)
+    assert engine.num_sequences == 0 and seqs[3].finish_reason == "abort" and len(seqs[2].output) == 6
+
+
 def test_step_threads_setting_and_auto_rule() -> None:
     assert threads_for_step("auto", 1, 2) == 1 and threads_for_step("auto", ONE_THREAD_MAX_TOKENS, 4) == 1
     assert threads_for_step("auto", ONE_THREAD_MAX_TOKENS + 1, 4) == 4 and threads_for_step("3", 1, 2) == 3
