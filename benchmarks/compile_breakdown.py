@@ -8,7 +8,8 @@ each (compiling them), then reports per model:
 - one step under ``torch.profiler`` (inductor's kernels recorded one by one), split into matmuls, attention
   kernels, the fused kernels inductor generated, the loss's work besides its matmuls (sparselm's chunked
   ``linear_cross_entropy``, the plain ``cross_entropy`` and its backward), the optimizer, copies/casts and the rest;
-  and how much of the step ran inside compiled graphs (their kernels and the matmuls/attention they call).
+  and how much of the step ran inside compiled graphs (their kernels and the matmuls/attention they call); the
+  slowest fused kernels by name.
 
 One profiled step is a snapshot, not a timing: ``benchmarks/train.py`` measures throughput in interleaved rounds.
 
@@ -81,14 +82,19 @@ def profile_breakdown(step) -> dict:
         step()
     ms = dict.fromkeys(CATEGORIES, 0.0)
     compiled = 0.0
+    kernels: Counter[str] = Counter()
     for event in prof.events():
         ancestors = _ancestors(event)
         self_ms = event.self_cpu_time_total / 1e3
-        ms[category(event, ancestors)] += self_ms
+        kind = category(event, ancestors)
+        ms[kind] += self_ms
+        if kind == "fused":
+            kernels[event.name] += self_ms
         if any(a.startswith(COMPILED_SCOPES) for a in [event.name, *ancestors]):
             compiled += self_ms
     total = sum(ms.values())
-    return {"total_ms": total, "ms": ms, "inside_compiled_ms": compiled}
+    top = {name: round(t, 1) for name, t in kernels.most_common(6)}
+    return {"total_ms": total, "ms": ms, "inside_compiled_ms": compiled, "top_fused_ms": top}
 
 
 def main() -> None:
