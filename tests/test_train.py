@@ -11,8 +11,8 @@ import torch
 
 from sparselm.checkpoint.files import export_checkpoint, latest_checkpoint, list_checkpoints, load_model_weights
 from sparselm.checkpoint.inference import load_checkpoint
-from sparselm.config import Config, apply_overrides, load_config
-from sparselm.errors import CheckpointError, TrainingStopped
+from sparselm.config import Config, apply_overrides, load_config, validate
+from sparselm.errors import CheckpointError, ConfigError, TrainingStopped
 from sparselm.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.metrics import read_metrics
 from sparselm.train.trainer import build_model, train
@@ -151,6 +151,19 @@ def test_checkpoint_of_another_model_is_rejected(cfg: Config, tmp_path: Path) ->
     other = build_model(apply_overrides(cfg2, ["model.d_model=64"]))
     with pytest.raises(CheckpointError, match="has shape"):
         load_model_weights(other, tmp_path / "run")
+
+
+def test_data_seed_sets_the_batches_apart_from_the_init(cfg: Config, tmp_path: Path) -> None:
+    """data.seed = -1 follows train.seed exactly; another data.seed keeps the init and changes the batches."""
+    short = ["train.max_steps=2", "train.eval_every=0", "checkpoint.every=0", "train.seed=7"]
+    runs = {
+        name: train(apply_overrides(cfg, [*short, *extra]), tmp_path / name).losses
+        for name, extra in (("follows", []), ("same", ["data.seed=7"]), ("other", ["data.seed=8"]))
+    }
+    assert runs["same"] == runs["follows"]
+    assert runs["other"][0] != runs["follows"][0]
+    with pytest.raises(ConfigError, match="data.seed"):
+        validate(apply_overrides(cfg, ["data.seed=-2"]))
 
 
 def test_learning_rate_schedule() -> None:

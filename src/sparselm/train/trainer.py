@@ -226,8 +226,9 @@ class _Run:
         fresh_optimizer_at = info.step if info is not None and not info.has_optimizer_state else 0
         self.optimizer, self.scheduler = runtime.build_optimizer(self.model, fresh_optimizer_at)
         t = cfg.train
+        data_seed = t.seed if cfg.data.seed == -1 else cfg.data.seed
         self.sampler = source.sampler(
-            self.train_shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size
+            self.train_shards, cfg.data.seq_len, t.global_batch_size, data_seed, runtime.dp_rank, runtime.dp_size
         )
         self.eval_batches = source.eval_batches
         self.start_step = 0
