@@ -148,7 +148,8 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
-    peak_flops: float = 0.0  # FLOP/s used for MFU; 0 measures a matmul peak once at start-up
+    mfu: bool = True  # log MFU; false logs the model's FLOP/s only and measures no peak
+    peak_flops: float = 0.0  # attainable FLOP/s per device that MFU divides by; 0 measures a matmul peak at start-up
 
 
 @dataclass
