@@ -58,7 +58,7 @@ def trained(tiny_dataset: Path, tiny_vocab_size: int, tmp_path_factory: pytest.T
             "checkpoint.every=8",
             "logging.progress=false",
             "logging.tensorboard=false",
-            "logging.peak_flops=1e11",
+            "logging.mfu=false",
         ],
     )
     run = tmp_path_factory.mktemp("lm_eval_hf") / "run"

@@ -11,8 +11,8 @@ import torch
 
 from sparselm.checkpoint.files import export_checkpoint, latest_checkpoint, list_checkpoints, load_model_weights
 from sparselm.checkpoint.inference import load_checkpoint
-from sparselm.config import Config, apply_overrides, load_config
-from sparselm.errors import CheckpointError, TrainingStopped
+from sparselm.config import Config, apply_overrides, load_config, validate
+from sparselm.errors import CheckpointError, ConfigError, TrainingStopped
 from sparselm.optim import build_optimizer, build_scheduler, lr_multiplier
 from sparselm.train.metrics import read_metrics
 from sparselm.train.trainer import build_model, train
@@ -31,7 +31,7 @@ def test_run_directory_contents(cfg: Config, tmp_path: Path) -> None:
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 13))
     for r in steps:
-        assert {"loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(r)
+        assert {"loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_sec", "flops_per_sec"} <= set(r)
         assert len(r["expert_load"]) == 1 and len(r["expert_load"][0]) == 4
         assert sum(r["expert_load"][0]) == pytest.approx(1.0)
         assert r["dropped_fraction"] == 0.0  # dropless default
@@ -153,6 +153,30 @@ def test_checkpoint_of_another_model_is_rejected(cfg: Config, tmp_path: Path) ->
         load_model_weights(other, tmp_path / "run")
 
 
+def test_data_seed_sets_the_batches_apart_from_the_init(cfg: Config, tmp_path: Path) -> None:
+    """data.seed = -1 follows train.seed exactly; another data.seed keeps the init and changes the batches."""
+    short = ["train.max_steps=2", "train.eval_every=0", "checkpoint.every=0", "train.seed=7"]
+    runs = {
+        name: train(apply_overrides(cfg, [*short, *extra]), tmp_path / name).losses
+        for name, extra in (("follows", []), ("same", ["data.seed=7"]), ("other", ["data.seed=8"]))
+    }
+    assert runs["same"] == runs["follows"]
+    assert runs["other"][0] != runs["follows"][0]
+    with pytest.raises(ConfigError, match="data.seed"):
+        validate(apply_overrides(cfg, ["data.seed=-2"]))
+
+
+def test_mfu_is_logged_only_against_a_peak(cfg: Config, tmp_path: Path) -> None:
+    """logging.mfu=false (the experiments) logs the model's FLOP/s and no MFU, since it has no peak to divide by."""
+    short = ["train.max_steps=2", "train.eval_every=0", "checkpoint.every=0"]
+    train(apply_overrides(cfg, [*short, "logging.mfu=false"]), tmp_path / "off")
+    records = [r for r in read_metrics(tmp_path / "off") if "loss" in r]
+    assert records and all("mfu" not in r and r["flops_per_sec"] > 0 for r in records)
+    train(apply_overrides(cfg, [*short, "logging.mfu=true", "logging.peak_flops=2e11"]), tmp_path / "given")
+    records = [r for r in read_metrics(tmp_path / "given") if "loss" in r]
+    assert records and all(r["mfu"] == pytest.approx(r["flops_per_sec"] / 2e11) for r in records)
+
+
 def test_learning_rate_schedule() -> None:
     o = Config().optim
     o.lr, o.warmup_steps, o.min_lr_ratio = 1.0, 10, 0.1
@@ -218,7 +242,7 @@ def test_default_moe_learns_on_embedded_corpus(tiny_dataset: Path, tiny_vocab_si
             "train.eval_every=100",
             "checkpoint.every=0",
             "logging.progress=false",
-            "logging.peak_flops=1e11",
+            "logging.mfu=false",
         ],
     )
     from sparselm.data.loader import TokenShards

@@ -2,8 +2,9 @@
 
 d_model 32, 2 layers of 4 heads, FFN 64, context 64; an MoE of 4 experts (top-2) in every other layer; sequences of
 32 tokens, 12 steps of 8 sequences in micro-batches of 4, fp32, AdamW at 3e-3 after 2 warmup steps; validation
-(2 batches) and a checkpoint every 6 steps; a log line every step, no progress bar, no TensorBoard. A test that
-needs something else says so in its overrides, which are applied after this base (and validated with it)."""
+(2 batches) and a checkpoint every 6 steps; a log line every step (model FLOP/s, no MFU), no progress bar, no
+TensorBoard. A test that needs something else says so in its overrides, which are applied after this base (and
+validated with it)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TINY_RUN = (
     "logging.log_every=1",
     "logging.progress=false",
     "logging.tensorboard=false",
-    "logging.peak_flops=1e11",
+    "logging.mfu=false",
 )
 
 

@@ -104,6 +104,7 @@ class MoEConfig:
 class DataConfig:
     path: str = ""  # directory written by `sparselm prepare` (token shards + meta.json)
     seq_len: int = 256
+    seed: int = -1  # order of the training batches; -1 follows train.seed (set it to vary init and data apart)
 
 
 @dataclass
@@ -147,7 +148,8 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
-    peak_flops: float = 0.0  # FLOP/s used for MFU; 0 measures a matmul peak once at start-up
+    mfu: bool = True  # log MFU; false logs the model's FLOP/s only and measures no peak
+    peak_flops: float = 0.0  # attainable FLOP/s per device that MFU divides by; 0 measures a matmul peak at start-up
 
 
 @dataclass
@@ -264,6 +266,7 @@ def validate(cfg: Config, require_data: bool = False) -> None:
         _check(e.z_loss_coef >= 0, f"moe.z_loss_coef must be >= 0, got {e.z_loss_coef}")
 
     _check(d.seq_len > 0, f"data.seq_len must be positive, got {d.seq_len}")
+    _check(d.seed >= -1, f"data.seed must be -1 (follow train.seed) or a seed >= 0, got {d.seed}")
     _check(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if require_data:
         _check(bool(d.path), "data.path is not set (run `sparselm prepare` and point data.path at its output)")

@@ -220,14 +220,16 @@ class _Run:
         info = checkpoint_info(existing) if existing is not None else None
         # Measured before the model is built so that it cannot disturb the seeded RNG stream.
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        self.peak = cfg.logging.peak_flops or (measure_matmul_flops(dtype) if runtime.is_main else 1.0)
+        log = cfg.logging
+        self.peak = (log.peak_flops or measure_matmul_flops(dtype)) if log.mfu and runtime.is_main else None
         self.model = runtime.parallelize(source.prepare(build_model(cfg)).to(runtime.device))
         self.model.train()
         fresh_optimizer_at = info.step if info is not None and not info.has_optimizer_state else 0
         self.optimizer, self.scheduler = runtime.build_optimizer(self.model, fresh_optimizer_at)
         t = cfg.train
+        data_seed = t.seed if cfg.data.seed == -1 else cfg.data.seed
         self.sampler = source.sampler(
-            self.train_shards, cfg.data.seq_len, t.global_batch_size, t.seed, runtime.dp_rank, runtime.dp_size
+            self.train_shards, cfg.data.seq_len, t.global_batch_size, data_seed, runtime.dp_rank, runtime.dp_size
         )
         self.eval_batches = source.eval_batches
         self.start_step = 0
@@ -341,10 +343,12 @@ class _Run:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_sec,
-            "mfu": tokens_per_sec * self.train_flops / (self.peak * self.runtime.world_size),
+            "flops_per_sec": tokens_per_sec * self.train_flops / self.runtime.world_size,  # model FLOP/s per device
             "tokens_seen": done * self.tokens_per_step,
             "train_seconds": self.train_seconds,
         }
+        if self.peak is not None:
+            record["mfu"] = record["flops_per_sec"] / self.peak
         if self.num_moe:
             result.expert_load = (w.load / w.load.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
             result.dropped_fraction = w.dropped / max(w.assigned, 1)
