@@ -26,7 +26,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 import torch._inductor.config as inductor_config
 
-from train import COPY_OPS, MATMUL_OPS, _shape, build
+from train import _shape, build, op_kind
 
 CATEGORIES = ("matmul", "attention", "fused", "loss", "optimizer", "copy", "other")
 LOSS_SCOPES = ("_LinearCrossEntropy", "aten::cross_entropy_loss", "LogSoftmaxBackward0", "NllLossBackward0")
@@ -60,20 +60,17 @@ def _ancestors(event) -> list[str]:
 
 
 def category(event, ancestors: list[str]) -> str:
-    name = event.name
-    if name in MATMUL_OPS:
-        return "matmul"
-    if "scaled_dot_product" in name or "flash_attention" in name:
-        return "attention"
+    """train.py's operator categories, with inductor's kernels, the loss and the optimizer split out of copy/other."""
+    name, kind = event.name, op_kind(event.name)
+    if kind in ("matmul", "attention"):
+        return kind
     if "cpp_fused" in name or name.startswith("## Call CompiledFxGraph"):
         return "fused"
     if any(a.endswith(LOSS_SCOPES) for a in [name, *ancestors]):
         return "loss"
     if any(a.startswith("Optimizer.") for a in [name, *ancestors]):
         return "optimizer"
-    if name in COPY_OPS:
-        return "copy"
-    return "other"
+    return kind
 
 
 def profile_breakdown(step) -> dict:

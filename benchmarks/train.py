@@ -146,22 +146,22 @@ def time_rounds(runners: list[Runner], rounds: int, warmup: int, wait: bool) -> 
             r.peak_mb = max(r.peak_mb, peak_rss_mb() - before)
 
 
+def op_kind(name: str) -> str:
+    """The profile category of one operator: matmul, attention, copy (casts) or other."""
+    if name in MATMUL_OPS:
+        return "matmul"
+    if "scaled_dot_product" in name or "flash_attention" in name:
+        return "attention"
+    return "copy" if name in COPY_OPS else "other"
+
+
 def profile_shares(step: Callable[[], None]) -> dict[str, float]:
     """Shares of one step's self CPU time: matmul, attention, copy (casts), other."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     kinds = {"matmul": 0.0, "attention": 0.0, "copy": 0.0, "other": 0.0}
     for event in prof.key_averages():
-        name = event.key
-        if name in MATMUL_OPS:
-            kind = "matmul"
-        elif "scaled_dot_product" in name or "flash_attention" in name:
-            kind = "attention"
-        elif name in COPY_OPS:
-            kind = "copy"
-        else:
-            kind = "other"
-        kinds[kind] += event.self_cpu_time_total
+        kinds[op_kind(event.key)] += event.self_cpu_time_total
     total = sum(kinds.values()) or 1.0
     return {k: v / total for k, v in kinds.items()}
 
