@@ -5,6 +5,7 @@ committed report, which must be what the code renders from the committed results
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from sparselm.errors import ConfigError, InputError
 from sparselm.experiment.data import prepare_dataset
 from sparselm.experiment.family import QUICK_REGIMES, RECIPES, REGIMES, dense_run, moe_run
-from sparselm.experiment.moe_vs_dense import ExperimentOptions, run_experiment
+from sparselm.experiment.moe_vs_dense import ExperimentOptions, collect_run, run_experiment, train_run
 from sparselm.experiment.plan import Layout, budgets, fit_steps, main_runs, parse_variant, search_runs
 from sparselm.experiment.report import plot_names, render_markdown
 
@@ -29,6 +30,8 @@ def test_every_recipe_spends_dense_s_flops_and_sizes_grow(regime) -> None:
             router = 3 * 2 * e * s.cfg.model.d_model * layers  # training FLOPs of the router: the only extra
             assert moe.train_flops_per_token - s.train_flops_per_token == router, (key, e)
             assert moe.total_params > s.total_params and moe.cfg.moe.moe_every == regime.moe_every
+            assert not moe.cfg.model.tie_embeddings  # tied runs here are chaotic (docs/moe-vs-dense-design.md)
+    assert not s.cfg.model.tie_embeddings
     flops = [dense_run(regime, 2048, size, 10, 1).train_flops_per_token for size in regime.sizes]
     assert flops == sorted(flops) and len(set(flops)) == 3 and list(regime.sizes)[1] == "S"
 
@@ -95,6 +98,8 @@ def test_options_are_checked(tmp_path: Path) -> None:
         ExperimentOptions(data=[tmp_path], out=tmp_path / "x", layout=Layout(recipes=("top3",)))
     with pytest.raises(InputError, match="--seeds"):
         ExperimentOptions(data=[tmp_path], out=tmp_path / "x", layout=Layout(seeds=1))
+    with pytest.raises(InputError, match="--jobs"):
+        ExperimentOptions(data=[tmp_path], out=tmp_path / "x", jobs=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_experiment(ExperimentOptions(data=[tmp_path / "missing"], out=tmp_path / "x", progress=False))
 
@@ -106,6 +111,7 @@ def test_cli_verb_rejects_bad_arguments_with_one_line(tmp_path: Path, tiny_corpu
     assert main([*base, "--quick", "--regimes", "nope"]) == 2
     assert "--regimes: unknown nope (known: tiny, tiny-deep)" in capsys.readouterr().err
     assert main([*base, "--recipes", "top3"]) == 2
+    assert main([*base, "--jobs", "-1"]) == 2
     with pytest.raises(SystemExit) as stop:
         main([*base, "--experts", "4,x"])
     assert stop.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
@@ -127,10 +133,37 @@ def finished(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> tup
         val_fraction=0.1,
         eval_batches=1,
         threads=1,
+        jobs=2,  # two runs at a time, each in its own process: the path the command takes on 2 cores
         progress=False,
         command="test",
     )
     return opts, run_experiment(opts)
+
+
+def test_a_run_of_another_regime_in_the_same_directory_is_refused(finished) -> None:
+    opts, results = finished
+    chosen = results["plan"]["regime"]
+    other = next(r for name, r in QUICK_REGIMES.items() if name != chosen)
+    record = next(r for r in results["runs"] if r["group"] == "main" and r["model"] == "dense-S")
+    run = dense_run(other, 512, "S", record["steps"], record["seed"])  # same directory name, other shapes
+    run_dir = opts.out / "runs" / run.slug
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    with pytest.raises(InputError, match="other model settings"):
+        train_run(run, opts, run_dir)
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_a_run_trained_beside_another_matches_it_trained_alone(finished, tmp_path: Path) -> None:
+    opts, results = finished
+    record = next(r for r in results["runs"] if r["group"] == "main" and r["kind"] == "moe")
+    regime = QUICK_REGIMES[results["plan"]["regime"]]
+    run = moe_run(regime, 512, record["recipe"], record["num_experts"], record["steps"], record["seed"])
+    run.cfg.data.path = str(opts.out / "data" / "shards")
+    run.cfg.train.precision = results["precision"]
+    alone = dataclasses.replace(opts, jobs=1)
+    assert train_run(run, alone, tmp_path / "alone")
+    losses = [point["val_loss"] for point in collect_run(run, tmp_path / "alone")["curve"]]
+    assert losses == [point["val_loss"] for point in record["curve"]]  # bit for bit: runs are deterministic
 
 
 def test_experiment_end_to_end_and_rerun(finished) -> None:

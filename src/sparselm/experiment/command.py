@@ -4,6 +4,7 @@ builds its parser from here on every start)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def add_arguments(exp: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny models and budget: checks the whole pipeline")
     p.add_argument("--steps", type=int, default=0, help="full budget B in steps (default: chosen from the budget)")
     p.add_argument("--search-steps", type=int, default=0, help="steps per search run (default: from the budget)")
-    p.add_argument("--regimes", type=_names, default=(), help="candidate regimes (default all; one skips the search)")
+    p.add_argument("--regimes", type=_names, default=(), help="candidate regimes (default the small "
+                   "ones; one skips the search)")  # fmt: skip
     p.add_argument("--recipes", type=_names, default=("switch", "gshard", "deepspeed"), help="MoE recipes compared")
     p.add_argument("--experts", type=_int_list, default=(4, 64), help="numbers of experts swept with the best recipe")
     p.add_argument("--seeds", type=int, default=3, help="seeds of dense-S and the best recipe at the full budget")
@@ -67,7 +69,10 @@ def add_arguments(exp: argparse._SubParsersAction) -> None:
         help="also train BASE (a recipe: switch, gshard, deepspeed; or dense-XS/S/M) at the full budget with changed "
         "settings, --other-seeds seeds (repeatable; rerun a finished --out to add variants)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--jobs", type=int, default=0, help="runs trained at once, each in its own process (default: "
+                   "one per core, at most 4)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="torch threads of each run (default: the cores shared out "
+                   "among the jobs)")  # fmt: skip
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="compute precision of every run (default "
                    "auto: bf16 where this machine computes it natively, else fp32)")  # fmt: skip
     p.set_defaults(func=run)
@@ -117,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         eval_batches=args.eval_batches or (4 if args.quick else 16),
         threads=args.threads,
+        jobs=args.jobs or min(4, os.cpu_count() or 1),
         precision=args.precision,
         command="sparselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

@@ -2,10 +2,11 @@
 runs (model x budget x seed) that the experiment trains.
 
 A **regime** fixes everything but the model: context, batch, vocabulary (the experiment's), which FFNs become MoE,
-and dense sizes XS < S < M of one width-and-depth recipe (SwiGLU, RoPE, RMSNorm, tied embeddings). S is the model
-every MoE run is built on. A **recipe** is one seed system's MoE, always spending S's FFN FLOPs per token so that
-only the router is extra: Switch (top-1, experts as wide as S's FFN), GShard/GLaM (top-2 of half-width experts,
-gates renormalised) and DeepSpeed-MoE (top-1 of half-width experts plus a half-width shared expert, Residual-MoE).
+and dense sizes XS < S < M of one width-and-depth recipe (SwiGLU, RoPE, RMSNorm, an output layer of its own). S is
+the model every MoE run is built on. A **recipe** is one seed system's MoE, always spending S's FFN FLOPs per token
+so that only the router is extra: Switch (top-1, experts as wide as S's FFN), GShard/GLaM (top-2 of half-width
+experts, gates renormalised) and DeepSpeed-MoE (top-1 of half-width experts plus a half-width shared expert,
+Residual-MoE).
 """
 
 from __future__ import annotations
@@ -37,10 +38,38 @@ class Regime:
     sizes: dict[str, Shape]  # dense frontier sizes, smallest first; "S" is the MoE base
 
 
-# The search's candidates (issue 20: the committed family's replaced FFNs were 21% of dense-S's FLOPs).
+# Every named regime; the search tries SEARCHED unless --regimes names others. The first three were the candidates
+# of the tied-embedding runs of 2026-12-06 (deep-ctx256 won); the small ones give each expert more tokens in the
+# same minutes, which is where the experts' gain was measured to grow (docs/moe-vs-dense-design.md).
 REGIMES = {
     r.name: r
     for r in (
+        Regime(
+            "small-ctx128",
+            "small and long: d_model 64, 2 layers, FFN 4x d_model, MoE in every layer, context 128",
+            seq_len=128,
+            batch_size=32,
+            moe_every=1,
+            experts=16,
+            sizes={
+                "XS": Shape(48, 2, 2, 192, 3e-3),
+                "S": Shape(64, 2, 2, 256, 3e-3),
+                "M": Shape(96, 3, 3, 384, 3e-3),
+            },
+        ),
+        Regime(
+            "small-deep-ctx128",
+            "small and deeper: d_model 64, 4 layers, FFN 4x d_model, MoE in every other layer, context 128",
+            seq_len=128,
+            batch_size=32,
+            moe_every=2,
+            experts=16,
+            sizes={
+                "XS": Shape(48, 3, 2, 192, 3e-3),
+                "S": Shape(64, 4, 2, 256, 3e-3),
+                "M": Shape(96, 5, 3, 384, 3e-3),
+            },
+        ),
         Regime(
             "deep-ctx256",
             "the previous family's S: 4 layers, FFN 3x d_model, MoE in every other layer, context 256",
@@ -82,6 +111,7 @@ REGIMES = {
         ),
     )
 }
+SEARCHED = ("small-ctx128", "small-deep-ctx128")
 QUICK_REGIMES = {  # --quick: the same experiment (search included) on tiny models
     r.name: r
     for r in (
@@ -173,7 +203,9 @@ def base_config(regime: Regime, vocab_size: int) -> Config:
     cfg = Config()
     cfg.model.vocab_size = vocab_size
     cfg.model.max_seq_len = regime.seq_len
-    cfg.model.norm, cfg.model.position, cfg.model.ffn, cfg.model.tie_embeddings = "rmsnorm", "rope", "swiglu", True
+    cfg.model.norm, cfg.model.position, cfg.model.ffn = "rmsnorm", "rope", "swiglu"
+    # Untied: tied runs of these sizes scatter by 0.12 nats from a rounding-level change (docs/moe-vs-dense-design.md)
+    cfg.model.tie_embeddings = False
     cfg.data.seq_len = regime.seq_len
     cfg.optim.weight_decay = 0.1
     cfg.optim.grad_clip = 1.0

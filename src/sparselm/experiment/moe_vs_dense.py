@@ -30,7 +30,7 @@ from tqdm import tqdm
 from sparselm.config import PRECISIONS
 from sparselm.errors import InputError
 from sparselm.experiment import plan as planning
-from sparselm.experiment.family import QUICK_REGIMES, REGIMES, RunSpec
+from sparselm.experiment.family import QUICK_REGIMES, REGIMES, SEARCHED, RunSpec
 from sparselm.precision import resolve_precision
 
 WARMUP_FRACTION = 0.10  # of each run's own steps (why: docs/moe-vs-dense-design.md)
@@ -48,12 +48,13 @@ class ExperimentOptions:
     quick: bool = False
     steps: int = 0  # the full budget B in steps; 0: chosen from the budget
     search_steps: int = 0  # steps of each search run; 0: chosen from the budget
-    regimes: tuple[str, ...] = ()  # candidate regimes (default: all; one name skips the search)
+    regimes: tuple[str, ...] = ()  # candidate regimes (default: family.SEARCHED, all quick ones; one skips the search)
     layout: planning.Layout = field(default_factory=planning.Layout)
     vocab_size: int = 2048  # small, so the FFNs the experts replace are a real share of a small model
     val_fraction: float = 0.02
     eval_batches: int = 16
-    threads: int = 0
+    threads: int = 0  # torch threads of each run (0: the cores shared out among the jobs)
+    jobs: int = 1  # runs trained at once, each in its own process
     precision: str = "auto"  # auto | bf16 | fp32 (sparselm.precision); the plan records what auto resolved to
     progress: bool = True
     command: str = ""
@@ -79,12 +80,18 @@ class ExperimentOptions:
             raise InputError(f"--recipes: expected some of {', '.join(RECIPES)}, got {', '.join(lay.recipes)}")
         if any(e < 2 for e in lay.sweep_experts):
             raise InputError(f"--experts needs numbers of experts >= 2, got {lay.sweep_experts}")
+        if self.jobs < 1 or self.threads < 0:
+            raise InputError(f"--jobs must be >= 1 and --threads >= 0, got {self.jobs} and {self.threads}")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
+    @property
+    def threads_per_run(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.jobs)
+
     def candidate_regimes(self):
         known = QUICK_REGIMES if self.quick else REGIMES
-        return [known[name] for name in (self.regimes or tuple(known))]
+        return [known[name] for name in (self.regimes or (tuple(known) if self.quick else SEARCHED))]
 
 
 def _log(message: str) -> None:
@@ -160,10 +167,11 @@ def train_run(run: RunSpec, opts: ExperimentOptions, run_dir: Path) -> bool:
     cfg.train.eval_batches = opts.eval_batches
     cfg.checkpoint.every = max(1, steps // 2)
     cfg.logging.log_every = max(1, min(10, steps // 20))
-    cfg.logging.progress = opts.progress
-    if opts.threads:
-        cfg.train.threads = opts.threads
+    cfg.logging.progress = opts.progress and opts.jobs == 1  # bars of runs side by side would overwrite each other
+    cfg.train.threads = opts.threads_per_run
     latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        _check_same_run(cfg, run_dir)
     if latest is not None and latest.name == f"step_{steps:08d}":
         return False
     if latest is None and run_dir.exists():
@@ -174,11 +182,44 @@ def train_run(run: RunSpec, opts: ExperimentOptions, run_dir: Path) -> bool:
     return True
 
 
-def _train_all(runs: list[RunSpec], opts: ExperimentOptions, clock: StageClock, stage: str) -> None:
-    for run in runs:
-        start = time.perf_counter()
-        if train_run(run, opts, opts.out / "runs" / run.slug):
-            clock.record(f"{stage}/{run.slug}", time.perf_counter() - start)
+def _check_same_run(cfg, run_dir: Path) -> None:
+    """A run found under OUT/runs must be this one: its directory name says the model, steps and seed, not the
+    regime or the recipe's settings, and a rerun with other options must not count another run as finished."""
+    from dataclasses import asdict
+
+    from sparselm.config import load_config
+
+    saved = load_config(run_dir / "config.toml")
+    for section in ("model", "moe", "optim"):
+        if asdict(getattr(saved, section)) != asdict(getattr(cfg, section)):
+            raise InputError(
+                f"{run_dir} holds a run with other {section} settings (another regime or recipe?): "
+                "give the experiment a new --out, or remove that directory"
+            )
+
+
+def _train_all(
+    runs: list[RunSpec], opts: ExperimentOptions, clock: StageClock, stage: str, step_seconds: dict[str, float]
+) -> None:
+    """Train ``runs``, ``opts.jobs`` at a time, longest planned first (so the last ones to finish are short). With
+    several jobs the stage's wall time is shared out evenly among the runs trained: the clock adds up to wall time."""
+    if opts.jobs == 1:
+        for run in runs:
+            start = time.perf_counter()
+            if train_run(run, opts, opts.out / "runs" / run.slug):
+                clock.record(f"{stage}/{run.slug}", time.perf_counter() - start)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    order = sorted(runs, key=lambda r: -r.steps * step_seconds.get(r.model, 1.0))
+    start = time.perf_counter()
+    # spawn, not fork: a forked child would inherit this process's OpenMP pool and torch state
+    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(run, pool.submit(train_run, run, opts, opts.out / "runs" / run.slug)) for run in order]
+        trained = [run for run, future in futures if future.result()]
+    for run in trained:
+        clock.record(f"{stage}/{run.slug}", (time.perf_counter() - start) / len(trained))
 
 
 # ------------------------------------------------------------------------------------------------------- collect
@@ -293,7 +334,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     from sparselm.precision import measure_matmul_flops
 
     started = time.perf_counter()
-    if opts.threads:
+    if opts.threads and opts.jobs == 1:
         torch.set_num_threads(opts.threads)
     opts.out.mkdir(parents=True, exist_ok=True)
     clock = StageClock(opts.out / "timings.json")
@@ -317,18 +358,19 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         if "search_steps" not in plan:
             probe = _configure(planning.search_runs(regimes, vocab, 8), shards, precision)
             start = time.perf_counter()
-            plan["step_seconds"] = planning.step_seconds(probe, plan["step_seconds"], opts.progress)
+            plan["step_seconds"] = _time_models(probe, plan["step_seconds"], opts)
             clock.record("plan/search", time.perf_counter() - start)
 
             def search_cost(steps: int) -> float:
                 runs = planning.search_runs(regimes, vocab, steps)
-                return sum(planning.run_seconds(r, plan["step_seconds"][r.model], opts.eval_batches) for r in runs)
+                cost = sum(planning.run_seconds(r, plan["step_seconds"][r.model], opts.eval_batches) for r in runs)
+                return cost / opts.jobs
 
             plan["search_steps"] = planning.fit_steps(search_cost, planning.SEARCH_SHARE * seconds)
             save()
         search = _configure(planning.search_runs(regimes, vocab, plan["search_steps"]), shards, precision)
         _log(f"search: {len(regimes)} regimes, {plan['search_steps']} steps per run")
-        _train_all(search, opts, clock, "search")
+        _train_all(search, opts, clock, "search", plan["step_seconds"])
         if "regime" not in plan:
             plan["regime"] = _choose_regime(search, opts.out)
             save()
@@ -345,7 +387,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
         for key in opts.layout.recipes:  # any recipe may turn out best: time its sweep models too
             probe += _configure(planning.main_runs(regime, vocab, 8, opts.layout, key), shards, precision)
         start = time.perf_counter()
-        plan["step_seconds"] = planning.step_seconds(probe, plan["step_seconds"], opts.progress)
+        plan["step_seconds"] = _time_models(probe, plan["step_seconds"], opts)
         clock.record("plan/main", time.perf_counter() - start)
 
         def main_cost(steps: int) -> float:
@@ -353,7 +395,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             for key in opts.layout.recipes:
                 runs = planning.main_runs(regime, vocab, steps, opts.layout, key)
                 cost = sum(planning.run_seconds(r, plan["step_seconds"][r.model], opts.eval_batches) for r in runs)
-                worst = max(worst, cost)
+                worst = max(worst, cost / opts.jobs)
             return worst
 
         plan["steps"] = planning.fit_steps(main_cost, seconds - clock.total())
@@ -361,12 +403,12 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     steps = plan["steps"]
     first = _configure(planning.main_runs(regime, vocab, steps, opts.layout, None), shards, precision)
     _log(f"main: B = {steps} steps; {len(first)} runs, then the best recipe's sweeps")
-    _train_all(first, opts, clock, "main")
+    _train_all(first, opts, clock, "main", plan["step_seconds"])
     if "best" not in plan:
         plan["best"] = _best_recipe(first, opts.out)
         save()
     runs = _configure(planning.main_runs(regime, vocab, steps, opts.layout, plan["best"]), shards, precision)
-    _train_all(runs, opts, clock, "main")
+    _train_all(runs, opts, clock, "main", plan["step_seconds"])
 
     results = {
         "schema": "sparselm-moe-vs-dense/2",
@@ -383,6 +425,8 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             "quick": opts.quick,
             "data": [str(p) for p in opts.data],
             "eval_batches": opts.eval_batches,
+            "jobs": opts.jobs,
+            "threads_per_run": opts.threads_per_run,
             "layout": asdict(opts.layout),
         },
         "dataset": {
@@ -409,6 +453,17 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
     write_report(results, report)
     results["report"] = str(report)
     return results
+
+
+def _time_models(runs: list[RunSpec], known: dict[str, float], opts: ExperimentOptions) -> dict[str, float]:
+    """Seconds per step of each model on the threads one run gets. With several jobs each run shares the machine
+    with the others; the planner divides the summed time by the number of jobs and PLAN_SLACK covers the rest."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(opts.threads_per_run)
+    try:
+        return planning.step_seconds(runs, known, opts.progress)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _final_loss(run: RunSpec, out: Path) -> float:

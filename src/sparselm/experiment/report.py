@@ -146,13 +146,17 @@ def _setup_lines(results: dict[str, Any], a: Analysis) -> list[str]:
     m, d, w = results["machine"], results["dataset"], results["wall_minutes"]
     regime = _regime(results)
     load = results["load_average"]["max"]
+    jobs = results["options"].get("jobs", 1)
+    per_run = results["options"].get("threads_per_run", m["torch_threads"])
+    ours = jobs * per_run
     shared = (
-        f"the machine was shared (1-minute load average up to {load:.1f} with {m['torch_threads']} of our threads)"
-        if load is not None and load > m["torch_threads"] + 0.5
+        f"the machine was shared (1-minute load average up to {load:.1f} with {ours} of our threads)"
+        if load is not None and load > ours + 0.5
         else f"the machine was not shared (1-minute load average at most {load:.1f})"
         if load is not None
         else "machine load not recorded"
     )
+    threads = _plural(per_run, "thread") + (f" each, {jobs} runs at a time" if jobs > 1 else "")
     splits = d["splits"]
     full = a.full_steps
     budgets = sorted({c.steps for c in a.dense})
@@ -160,8 +164,7 @@ def _setup_lines(results: dict[str, Any], a: Analysis) -> list[str]:
         f"- **Command**: `{results['command']}`",
         f"- **Date**: {results['created']} (UTC)",
         f"- **Machine**: {m['cpu']} ({', '.join(m['flags']) or 'no avx2/avx512 flags'}), {m['cores']} cores, "
-        f"{m['memory_gib']} GiB, torch {m['torch']}, {_plural(m['torch_threads'], 'thread')}; "
-        "matmul peak measured "
+        f"{m['memory_gib']} GiB, torch {m['torch']}, {threads}; matmul peak measured "
         f"{results['matmul_peak_flops']['bf16'] / 1e9:.0f} GFLOP/s bf16, "
         f"{results['matmul_peak_flops']['fp32'] / 1e9:.0f} GFLOP/s fp32; {shared}",
         f"- **Data**: {', '.join(results['options']['data'])}; SentencePiece BPE vocabulary {d['vocab_size']:,}; "
