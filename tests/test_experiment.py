@@ -7,6 +7,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +74,9 @@ def test_layout_budgets_seeds_and_sweeps() -> None:
         ("search-tiny-deep", "dense", 7),
         ("search-tiny-deep", "moe", 7),
     ]
+    # Both regimes have a "dense-S": the planner must time (and cost) each regime's own.
+    assert len({r.timing_key for r in search}) == 4 and len({r.model for r in search}) == 2
+    assert not {r.timing_key for r in search} & {r.timing_key for r in first}
 
 
 def test_variants_parse_and_reject_unknown_bases() -> None:
@@ -252,3 +260,42 @@ def test_committed_reports_are_rendered_from_their_committed_results() -> None:
             assert all(r["final_val_loss"] is not None for r in results["runs"])
             rendered += 1
     assert rendered >= 1
+
+
+def test_side_by_side_runs_stop_when_the_experiment_is_killed(tmp_path: Path) -> None:
+    # The experiment's process holds a worker busy, then dies by SIGKILL (no handler can run): the worker must not
+    # train on unseen, holding the cores that a rerun of the experiment is about to use.
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import os, time\n"
+        "from sparselm.experiment.moe_vs_dense import worker_pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = worker_pool(1)\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = 0
+    try:
+        worker = int(holder.stdout.readline())
+        os.kill(worker, 0)  # alive while the experiment is
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        holder.kill()
+        if worker and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "State:\tZ" in status.read_text())  # a zombie has stopped: its parent is gone

@@ -187,6 +187,11 @@ class RunSpec:
         return f"{self.group}/{name}/steps{self.steps}-seed{self.seed}"[:180]
 
     @property
+    def timing_key(self) -> str:
+        """The planner's name for this run's model: the regimes of the search share model names."""
+        return f"{self.group}/{self.model}"
+
+    @property
     def train_flops_per_token(self) -> int:
         return flops_per_token(self.cfg).train
 

@@ -182,6 +182,26 @@ def train_run(run: RunSpec, opts: ExperimentOptions, run_dir: Path) -> bool:
     return True
 
 
+def worker_pool(jobs: int):
+    """Processes that train runs side by side. Spawned, not forked: a forked child would inherit this process's
+    OpenMP pool and torch state. Each stops when this process dies, even by SIGKILL, instead of training on."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(jobs, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _check_same_run(cfg, run_dir: Path) -> None:
     """A run found under OUT/runs must be this one: its directory name says the model, steps and seed, not the
     regime or the recipe's settings, and a rerun with other options must not count another run as finished."""
@@ -209,13 +229,9 @@ def _train_all(
             if train_run(run, opts, opts.out / "runs" / run.slug):
                 clock.record(f"{stage}/{run.slug}", time.perf_counter() - start)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    order = sorted(runs, key=lambda r: -r.steps * step_seconds.get(r.model, 1.0))
+    order = sorted(runs, key=lambda r: -r.steps * step_seconds.get(r.timing_key, 1.0))
     start = time.perf_counter()
-    # spawn, not fork: a forked child would inherit this process's OpenMP pool and torch state
-    with ProcessPoolExecutor(opts.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(opts.jobs) as pool:
         futures = [(run, pool.submit(train_run, run, opts, opts.out / "runs" / run.slug)) for run in order]
         trained = [run for run, future in futures if future.result()]
     for run in trained:
@@ -363,7 +379,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
 
             def search_cost(steps: int) -> float:
                 runs = planning.search_runs(regimes, vocab, steps)
-                cost = sum(planning.run_seconds(r, plan["step_seconds"][r.model], opts.eval_batches) for r in runs)
+                cost = sum(planning.run_seconds(r, plan["step_seconds"][r.timing_key], opts.eval_batches) for r in runs)
                 return cost / opts.jobs
 
             plan["search_steps"] = planning.fit_steps(search_cost, planning.SEARCH_SHARE * seconds)
@@ -394,7 +410,7 @@ def run_experiment(opts: ExperimentOptions) -> dict[str, Any]:
             worst = 0.0
             for key in opts.layout.recipes:
                 runs = planning.main_runs(regime, vocab, steps, opts.layout, key)
-                cost = sum(planning.run_seconds(r, plan["step_seconds"][r.model], opts.eval_batches) for r in runs)
+                cost = sum(planning.run_seconds(r, plan["step_seconds"][r.timing_key], opts.eval_batches) for r in runs)
                 worst = max(worst, cost / opts.jobs)
             return worst
 

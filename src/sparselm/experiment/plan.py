@@ -146,10 +146,11 @@ def time_steps(run: RunSpec, warmup: int = 2, steps: int = 3) -> float:
 
 
 def step_seconds(runs: list[RunSpec], known: dict[str, float], progress: bool = True) -> dict[str, float]:
-    """Seconds per step of every distinct model among ``runs`` (by name), measuring only the ones not in ``known``."""
+    """Seconds per step of every distinct model among ``runs`` (by ``timing_key``), measuring only the ones not in
+    ``known``."""
     from tqdm import tqdm
 
-    todo = {r.model: r for r in runs if r.model not in known}
+    todo = {r.timing_key: r for r in runs if r.timing_key not in known}
     out = dict(known)
     for name, run in tqdm(todo.items(), desc="timing", unit="model", disable=not progress, dynamic_ncols=True):
         out[name] = time_steps(run)
