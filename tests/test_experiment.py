@@ -194,9 +194,10 @@ def test_experiment_end_to_end_and_rerun(finished) -> None:
     assert "- **Equal steps**:" in text and "- **Number of experts**" in text and "- **Token budget**" in text
     for png in ("loss-vs-flops.png", "loss-vs-time.png", "curves.png", "expert-load.png"):
         assert (report.parent / report.stem / png).stat().st_size > 1000
-    # The report is a function of results.json alone.
+    # The report is a function of results.json alone, which is also kept beside its plots.
     saved = json.loads((opts.out / "results.json").read_text())
     assert render_markdown(saved, plot_names(report)) + "\n" == text
+    assert json.loads((report.parent / report.stem / "results.json").read_text()) == saved
 
     # A rerun trains nothing again; a variant added by the rerun is the only thing trained.
     timings = json.loads((opts.out / "timings.json").read_text())["seconds"]

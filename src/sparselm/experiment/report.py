@@ -343,6 +343,8 @@ def write_report(results: dict[str, Any], report: Path) -> Path:
         "load": plot_expert_load(results, a, assets / "expert-load.png"),
     }
     plots = {k: p.relative_to(report.parent).as_posix() if p is not None else "" for k, p in paths.items()}
+    # Beside the plots, so that a report committed elsewhere keeps the numbers it was rendered from
+    (assets / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     report.write_text(render_markdown(results, plots) + "\n", encoding="utf-8")
     return report
 
