@@ -301,11 +301,10 @@ def test_queue_limit_counts_only_sequences_beyond_the_running_places(ckpt) -> No
     from its next step. The engine takes new sequences in at the start of a step, so while a step runs (long on a
     loaded machine) new requests sit in its inbox although the batch has free places: counted as waiting, they got
     a 429 from a server far from full (the bounded-load test's flake: 1 running + 6 just arrived, 3 places free).
-    The engine thread is held still here while 11 requests arrive, so 4 places + 6 queued take exactly 10."""
+    The engine process is held still (SIGSTOP) while 11 requests arrive, so 4 places + 6 queued take exactly 10."""
     import uvicorn
 
     from sparselm.serve.api import ServerConfig, ServerState, create_app
-    from sparselm.serve.engine import EngineLoop
     from sparselm.serve.params import EngineConfig
 
     engine = EngineConfig(max_num_seqs=4, precision="fp32")
@@ -316,9 +315,11 @@ def test_queue_limit_counts_only_sequences_beyond_the_running_places(ckpt) -> No
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base, streams = f"http://127.0.0.1:{port}", []
+    pid = None
     try:
         wait_for(lambda: state.status == "ready" and server.started, "the in-process server")
-        state.loop.stop()  # no engine step from here on: every request stays in the engine's inbox
+        pid = state.engine.info.pid
+        os.kill(pid, signal.SIGSTOP)  # no engine step from here on: every request stays in the pipe or the inbox
         body = {"prompt": PROMPT, "max_tokens": 3, "stream": True, "ignore_eos": True}
         for _ in range(11):
             http = httpx.Client(timeout=HANG)
@@ -327,11 +328,13 @@ def test_queue_limit_counts_only_sequences_beyond_the_running_places(ckpt) -> No
             )
         assert [r.status_code for _, r in streams] == [200] * 10 + [429]
         assert "10 sequences" in streams[-1][1].read().decode()
-        state.loop = EngineLoop(state.engine, on_error=state.engine_failed)
-        state.loop.start()
+        os.kill(pid, signal.SIGCONT)
+        pid = None
         for _, r in streams[:10]:
             assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
     finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
         for http, r in streams:
             r.close()
             http.close()
@@ -436,6 +439,57 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt) -> None:
     assert proc.wait(timeout=HANG) == 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/health", timeout=2)
+
+
+def child_processes(pid: int) -> dict[int, str]:
+    """pid -> command line of each child of ``pid`` (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
+
+
+def engine_pid(server_pid: int) -> int:
+    [pid] = [p for p, cmd in child_processes(server_pid).items() if "spawn_main" in cmd]
+    return pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_engine_process_fails_requests_instead_of_hanging(ckpt) -> None:
+    proc, base = start_server(ckpt)
+    try:
+        body = {"prompt": PROMPT, "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=HANG) as response:
+            lines = response.iter_lines()
+            next(lines)
+            os.kill(engine_pid(proc.pid), signal.SIGKILL)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert "the engine process exited" in json.loads(rest[-2][6:])["error"]["message"]
+        health = httpx.get(f"{base}/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        again = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert again.status_code == 503 and "engine process exited" in again.json()["error"]["message"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=HANG)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_engine_process_ends_with_a_killed_server(ckpt) -> None:
+    """SIGKILL leaves the server no chance to stop its engine: the engine process must notice and exit by itself,
+    not keep a model's worth of memory and the cores as an orphan."""
+    proc, _ = start_server(ckpt)
+    children = child_processes(proc.pid)
+    assert any("spawn_main" in cmd for cmd in children.values()), children
+    proc.kill()
+    proc.wait(timeout=HANG)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), "the engine process's exit")
 
 
 def test_unusable_checkpoints_fail_with_one_line(tmp_path, ckpt, capsys) -> None:

@@ -7,9 +7,9 @@ types, max_tokens <= 0, a prompt longer than the context, with the numbers), 404
 ``max_body_bytes``, 429 when ``max_queue`` sequences already wait for a place in the running batch (answered at
 once), 503 not ready.
 
-The engine runs in its own thread (``EngineLoop``) and hands each step's outputs over in one call, which becomes one
-event-loop callback that puts each output into its request's asyncio queue. A client that disconnects (streaming
-or not) aborts its request, which frees its KV blocks at the start of the next engine step.
+The engine runs in a process of its own (``engine_process``): each step's outputs arrive in one message, which
+becomes one event-loop callback that puts each output into its request's asyncio queue. A client that disconnects
+(streaming or not) aborts its request, which frees its KV blocks at the start of the next engine step.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sparselm.errors import CheckpointError, InputError
 from sparselm.serve.chat import ChatTemplate
+from sparselm.serve.engine_process import EngineGone
 from sparselm.serve.metrics import ServerMetrics
 from sparselm.serve.params import EngineConfig, SamplingParams
 from sparselm.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -59,47 +60,41 @@ class ServerState:
         self.config = config
         self.status = "loading"  # loading | ready | draining | failed
         self.error: str | None = None
-        self.engine = None
-        self.loop = None  # the EngineLoop
+        self.engine = None  # the EngineProcess, once the model is loaded
         self.event_loop = None  # asyncio's, set when the app starts
         self.tokenizer = None
         self.chat = None
-        self.metrics = ServerMetrics(lambda: self.engine)
+        self.metrics = ServerMetrics(lambda: self.engine.snapshot() if self.engine is not None else None)
         self.active: dict[str, RequestStream] = {}
         self.on_failure = None  # called with the message when loading fails (the CLI stops the server)
 
     def load(self) -> None:
-        """Load the checkpoint and start the engine (runs in a thread while the server already answers)."""
-        import torch
-
+        """Start the engine process and load the tokenizer (runs in a thread while the server already answers)."""
         from sparselm.checkpoint.files import resolve_checkpoint
-        from sparselm.checkpoint.inference import load_checkpoint
-        from sparselm.serve.engine import Engine, EngineLoop
+        from sparselm.data.tokenizer import load_tokenizer
+        from sparselm.serve.engine_process import EngineProcess, EngineStartError
 
         try:
-            if self.config.threads > 0:
-                torch.set_num_threads(self.config.threads)
-            model, _, tokenizer = load_checkpoint(self.config.ckpt)
-            self.chat = ChatTemplate.load(self.config.chat_template, resolve_checkpoint(self.config.ckpt))
-            engine = Engine(model, tokenizer, self.config.engine, warn=log.warning)
-            engine.on_outputs = self.deliver
-            self.tokenizer, self.engine = tokenizer, engine
-            self.loop = EngineLoop(engine, on_error=self.engine_failed)
-            self.loop.start()
+            ckpt = resolve_checkpoint(self.config.ckpt)
+            self.tokenizer = load_tokenizer(ckpt)
+            self.chat = ChatTemplate.load(self.config.chat_template, ckpt)
+            engine = EngineProcess(str(ckpt), self.config.engine, self.config.threads, self.deliver, self.engine_failed)
+            info = engine.start()
+            self.engine = engine
             self.status = "ready"
             log.info(
-                "model %s loaded: %s, KV cache %d blocks of %d tokens (%.1f MiB)",
-                self.config.model_name, engine.precision, engine.pool.num_blocks, engine.config.block_size,
-                engine.kv_bytes / 2**20,
+                "model %s loaded in engine process %d: %s, KV cache %d blocks of %d tokens (%.1f MiB)",
+                self.config.model_name, info.pid, info.precision, info.num_blocks, info.block_size,
+                info.kv_bytes / 2**20,
             )  # fmt: skip
-        except (InputError, CheckpointError, FileNotFoundError) as exc:
+        except (InputError, CheckpointError, FileNotFoundError, EngineStartError) as exc:
             self._fail(str(exc))
         except Exception as exc:  # a bug: keep the traceback in the log
             log.exception("loading the model failed")
             self._fail(f"{type(exc).__name__}: {exc}")
 
     def deliver(self, outputs) -> None:
-        """(engine thread) One step's outputs: one callback on the event loop, whatever their number."""
+        """(engine reader thread) One step's outputs: one callback on the event loop, whatever their number."""
         self.event_loop.call_soon_threadsafe(self.dispatch, outputs)
 
     def dispatch(self, outputs) -> None:
@@ -116,9 +111,10 @@ class ServerState:
         if self.on_failure is not None:
             self.on_failure(message)
 
-    def engine_failed(self, exc: BaseException) -> None:
-        log.error("engine step failed: %r", exc, exc_info=exc)
-        self.status, self.error = "failed", f"engine failed: {exc!r}"
+    def engine_failed(self, message: str) -> None:
+        """(engine reader thread) The engine process failed or exited: every request in flight gets the error."""
+        log.error("%s", message)
+        self.status, self.error = "failed", message
         for stream in list(self.active.values()):
             stream.fail(self.error)
 
@@ -129,10 +125,7 @@ class ServerState:
 
     def shutdown(self) -> None:
         if self.engine is not None:
-            for request_id in list(self.active):
-                self.engine.abort(request_id)
-        if self.loop is not None:
-            self.loop.stop()
+            self.engine.stop()
 
 
 async def _read_json(request: Request, limit: int) -> dict:
@@ -179,6 +172,10 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return _error(exc)
+
+    @app.exception_handler(EngineGone)
+    async def engine_gone(request: Request, exc: EngineGone):
+        return _error(APIError(503, str(exc), "service_unavailable", code="failed"))
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):

@@ -1,9 +1,7 @@
 """The serving engine: continuous batching over a paged KV cache, one packed forward of the model per step.
 
-No HTTP here: ``Engine`` is used from Python (``generate`` runs prompts to completion) and by the server, which
-runs ``step`` in a thread of its own (``EngineLoop``) and hears of every step's outputs at once through
-``on_outputs`` (one call per step, whatever the number of sequences: the server turns it into one event-loop
-callback).
+No HTTP here: ``Engine`` is used from Python (``generate`` runs prompts to completion) and by the server, which runs
+it in a process of its own (``engine_process``) and hears of every step's outputs at once.
 
 One step: take new requests and aborts; schedule (``Scheduler``); lay the scheduled tokens out as one packed row
 (decoding sequences first, then prefill chunks) with each token's position and KV slot; one forward of the model
@@ -39,6 +37,28 @@ from sparselm.serve.sequence import Sequence, SequenceOutput, Status, TextTracke
 
 
 @dataclass
+class EngineSnapshot:
+    """The engine's state and counters as /metrics reports them (plain values: it crosses processes)."""
+
+    running: int
+    waiting: int
+    kv_blocks: int
+    kv_used: int
+    kv_free: int
+    kv_cached: int
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+    prompt_tokens: int
+    generation_tokens: int
+    steps: int
+    finished: dict[str, int]
+    seconds: dict[str, float]
+    moe_layers: list[int]
+    expert_load: list[list[int]]  # token assignments per expert, one row per MoE layer
+
+
+@dataclass
 class EngineStats:
     steps: int = 0
     prompt_tokens: int = 0  # of the requests that produced a first token
@@ -59,6 +79,20 @@ def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
     if setting != "auto":
         return int(setting)
     return 1 if tokens <= ONE_THREAD_MAX_TOKENS else max_threads
+
+
+def check_prompt(prompt: list[int], vocab_size: int, max_seq_len: int) -> None:
+    """InputError unless ``prompt`` is a non-empty list of token ids of the vocabulary with room for one more."""
+    if not prompt:
+        raise InputError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt) >= max_seq_len:
+        raise InputError(
+            f"the prompt has {len(prompt)} tokens; this model's context is {max_seq_len} tokens "
+            f"(prompt plus output), so a prompt may have at most {max_seq_len - 1}"
+        )
 
 
 def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
@@ -126,24 +160,12 @@ class Engine:
         self._lock = threading.Lock()
         self._by_request: dict[str, list[Sequence]] = {}
         self._num_sequences = 0  # added and not yet finished or aborted, wherever they are (changed under _lock)
-        self.wakeup = threading.Event()
-        self.on_outputs: Callable[[list[SequenceOutput]], None] | None = None  # every step's outputs, in one call
         self._outputs: list[SequenceOutput] = []
         self.max_threads = torch.get_num_threads()  # the pool the process was given (--threads)
 
     # ------------------------------------------------------------------------------------------- requests
     def check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise InputError("the prompt is empty: give at least one token")
-        vocab = self.model.cfg.vocab_size
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InputError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_seq_len:
-            raise InputError(
-                f"the prompt has {len(prompt)} tokens; this model's context is {self.max_seq_len} tokens "
-                f"(prompt plus output), so a prompt may have at most {self.max_seq_len - 1}"
-            )
+        check_prompt(prompt, self.model.cfg.vocab_size, self.max_seq_len)
 
     def add_request(
         self,
@@ -151,8 +173,10 @@ class Engine:
         prompt: list[int],
         params: SamplingParams,
         index: int = 0,
+        arrival: float | None = None,
     ) -> Sequence:
-        """Queue one sequence (thread-safe); it joins the running batch at the next step."""
+        """Queue one sequence (thread-safe); it joins the running batch at the next step. ``arrival``: when the
+        request arrived (``time.monotonic``; default now), from which its latencies are counted."""
         self.check_prompt(prompt)
         with self._lock:
             seed = (
@@ -160,18 +184,18 @@ class Engine:
             )
         seq = Sequence(next(self._ids), request_id, list(prompt), params, torch.Generator().manual_seed(seed))
         seq.index = index
+        if arrival is not None:
+            seq.arrival = arrival
         seq.text_tracker = TextTracker(self.tokenizer, seq.prompt, params.stop)
         with self._lock:
             self._inbox.append(seq)
             self._num_sequences += 1
-        self.wakeup.set()
         return seq
 
     def abort(self, request_id: str) -> None:
         """Cancel every sequence of a request (thread-safe); its blocks are free after the next step begins."""
         with self._lock:
             self._aborts.append(request_id)
-        self.wakeup.set()
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
@@ -188,6 +212,17 @@ class Engine:
         which also counts sequences the next step will start because the batch has room for them."""
         return self._num_sequences
 
+    def snapshot(self) -> EngineSnapshot:
+        sched, pool, stats = self.scheduler, self.pool, self.stats
+        return EngineSnapshot(
+            running=len(sched.running), waiting=self.num_waiting, kv_blocks=pool.num_blocks, kv_used=pool.num_used,
+            kv_free=pool.num_free, kv_cached=len(pool.cached), prefix_queries=sched.counters.prefix_queries,
+            prefix_hits=sched.counters.prefix_hits, preemptions=sched.counters.preemptions,
+            prompt_tokens=stats.prompt_tokens, generation_tokens=stats.generation_tokens, steps=stats.steps,
+            finished=dict(stats.finished), seconds=dict(stats.seconds), moe_layers=list(self.moe_layers),
+            expert_load=self.expert_load.tolist(),
+        )  # fmt: skip
+
     def _take_inbox(self) -> None:
         with self._lock:
             new, self._inbox = list(self._inbox), deque()
@@ -203,12 +238,10 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- step
     def step(self) -> list[SequenceOutput]:
-        """Run one step; -> what it produced (also handed to ``on_outputs`` in one call, aborts included)."""
+        """Run one step; -> what it produced, aborts included."""
         self._outputs = []
         self._step()
         outputs, self._outputs = self._outputs, []
-        if outputs and self.on_outputs is not None:
-            self.on_outputs(outputs)
         return outputs
 
     @torch.inference_mode()
@@ -348,36 +381,3 @@ class Engine:
         finally:
             self.release_threads()
         return seqs
-
-
-class EngineLoop:
-    """Runs ``engine.step`` in a background thread while there is work; sleeps on ``engine.wakeup`` otherwise."""
-
-    def __init__(self, engine: Engine, on_error: Callable[[BaseException], None] | None = None) -> None:
-        self.engine = engine
-        self.on_error = on_error
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="sparselm-engine", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.engine.wakeup.set()
-        self.thread.join()
-
-    def _run(self) -> None:
-        engine = self.engine
-        while not self._stop.is_set():
-            if not engine.has_work():
-                engine.release_threads()
-                engine.wakeup.wait(0.5)
-                engine.wakeup.clear()
-                continue
-            try:
-                engine.step()
-            except Exception as exc:  # a bug: report it; the server answers 500 and the loop stops
-                if self.on_error is not None:
-                    self.on_error(exc)
-                raise

@@ -41,7 +41,23 @@ class SequenceOutput:
     logprobs: list[TokenLogprob]  # one per new token when logprobs were asked for
     finished: bool
     finish_reason: str | None  # stop | length | abort
-    seq: Sequence
+    seq: Sequence | SequenceRecord | None  # None: unchanged since the last record sent (engine process)
+
+
+@dataclass
+class SequenceRecord:
+    """What the server reads of a sequence (its response, usage and latencies), without what only the engine needs
+    (generator, blocks, text tracker): small enough to cross from the engine's process to the server's."""
+
+    prompt: list[int]
+    output: list[int]
+    output_logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None]
+    text: str
+    cached_tokens: int
+    arrival: float
+    first_token_time: float | None
+    token_times: list[float]
 
 
 @dataclass
@@ -72,6 +88,12 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
+
+    def record(self) -> SequenceRecord:
+        return SequenceRecord(
+            self.prompt, self.output, self.output_logprobs, self.prompt_logprobs, self.text, self.cached_tokens,
+            self.arrival, self.first_token_time, self.token_times,
+        )  # fmt: skip
 
     def append(self, token: int) -> None:
         self.tokens.append(token)

@@ -17,7 +17,7 @@ from fastapi import Request
 
 from sparselm.serve.protocol import APIError
 from sparselm.serve.render import Envelope, chat_logprobs, completion_logprobs, error_body, sse, usage
-from sparselm.serve.sequence import Sequence, SequenceOutput, token_text
+from sparselm.serve.sequence import SequenceOutput, SequenceRecord, token_text
 
 
 class EngineFailure(Exception):
@@ -28,7 +28,7 @@ class EngineFailure(Exception):
 class Choice:
     prompt: list[int]
     prompt_text: str
-    seq: Sequence | None = None
+    seq: SequenceRecord | None = None
     finish_reason: str | None = None
     offset: int = 0  # characters sent so far (text_offset of the next token)
     started: bool = False
@@ -54,7 +54,7 @@ class RequestStream:
         self.open = len(self.choices)
         self.done = False
 
-    # engine thread
+    # engine reader thread
     def fail(self, message: str) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, EngineFailure(message))
 
@@ -70,7 +70,8 @@ class RequestStream:
                     if isinstance(out, EngineFailure):
                         raise out
                     choice = self.choices[out.index]
-                    choice.seq = out.seq
+                    if out.seq is not None:  # sent with a sequence's first and last outputs
+                        choice.seq = out.seq
                     if out.finished:
                         self.open -= 1
                         choice.finish_reason = out.finish_reason
@@ -163,7 +164,7 @@ class RequestStream:
         if self._echo and not c.started:
             text = c.prompt_text + text
             if self.req.logprobs is not None:
-                tokens, entries = out.seq.prompt + tokens, out.seq.prompt_logprobs + entries
+                tokens, entries = c.seq.prompt + tokens, c.seq.prompt_logprobs + entries
         c.started = True
         if not text and not out.finished and not entries:
             return None
