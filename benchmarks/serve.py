@@ -43,7 +43,7 @@ from serve_report import breakdown, format_docs, write_docs
 from sparselm.config import apply_overrides, load_config
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
-from sparselm.precision import resolve_precision
+from sparselm.precision import kv_cache_dtype, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 D512 = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.d_ff=1408", "moe.num_experts=16",
@@ -117,7 +117,7 @@ def bare_decode_ms(model, requests: list[Request], dtype) -> dict:
     """Per-token time of the model's forward alone (one token, contiguous KV cache) over these requests' decodes."""
     times = []
     for r in requests:
-        cache = model.new_cache(1, len(r.prompt) + r.max_tokens, dtype=dtype)
+        cache = model.new_cache(1, len(r.prompt) + r.max_tokens, dtype=kv_cache_dtype(dtype, torch.device("cpu")))
         logits = model(torch.tensor([r.prompt]), cache=cache, last_only=True).logits
         for _ in range(r.max_tokens - 1):
             token = logits[:, -1].argmax(-1, keepdim=True)

@@ -43,7 +43,7 @@ class FakeTokenizer:
         return chr(ord("a") + token % 26)
 
 
-def make_model(position: str = "rope", ffn: str = "moe", max_seq_len: int = 128) -> Transformer:
+def make_model(position: str = "rope", ffn: str = "moe", max_seq_len: int = 128, init_std: float = 0.5) -> Transformer:
     torch.manual_seed(0)
     # init_std 0.5 spreads a random model's logits: no near-ties that float noise between paths could flip.
     cfg = ModelConfig(
@@ -54,7 +54,7 @@ def make_model(position: str = "rope", ffn: str = "moe", max_seq_len: int = 128)
         d_ff=64,
         max_seq_len=max_seq_len,
         position=position,
-        init_std=0.5,
+        init_std=init_std,
     )
     return Transformer(cfg, copy.deepcopy(FFNS[ffn])).eval()
 
@@ -345,11 +345,21 @@ def test_engine_config_errors() -> None:
     assert warnings and "depends on what else is in its batch" in warnings[0]
 
 
-def test_bf16_engine_generates() -> None:
-    model = make_model()
-    engine = Engine(model, FakeTokenizer(), EngineConfig(precision="bf16"))
-    assert engine.kv.k.dtype == torch.bfloat16 and model.tok_emb.weight.dtype == torch.bfloat16
-    seqs = engine.generate(
-        random_prompts(4, 7), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
-    )
-    assert all(len(s.output) == 8 and len(s.output_logprobs) == 8 for s in seqs)
+@pytest.mark.parametrize("position", ["rope", "relative", "xl"])
+def test_bf16_weights_with_an_fp32_or_a_bf16_kv_cache(position: str) -> None:
+    """On CPU the KV cache is fp32 by default (``kv_cache_dtype = auto``) while the weights are bf16: attention casts
+    the queries to the cache's dtype (xl: the keys to the queries', since its position term multiplies queries with
+    weights). With a bf16 cache the logprobs are a plain bf16 forward's; with an fp32 one, attention computes in
+    fp32 (T5's bias too), so they lie between a bf16 forward and an fp32 forward of the same rounded weights: within
+    0.05 of one of them, while those two differ by 0.1-0.3 here."""
+    for setting, dtype in (("auto", torch.float32), ("bf16", torch.bfloat16)):
+        model = make_model(position, init_std=0.1)  # 0.5 makes these random models chaotic in bf16
+        rounded = copy.deepcopy(model).to(torch.bfloat16).float()
+        config = EngineConfig(precision="bf16", kv_cache_dtype=setting, block_size=4, max_batched_tokens=16)
+        engine = Engine(model, FakeTokenizer(), config)
+        assert engine.kv.k.dtype == dtype and model.tok_emb.weight.dtype == torch.bfloat16
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+        seqs = engine.generate(random_prompts(4, 7), params)
+        assert all(len(s.output) == 8 and len(s.output_logprobs) == 8 for s in seqs)
+        bf16_forward, fp32_forward = check_logprobs(model, seqs), check_logprobs(rounded, seqs)
+        assert (bf16_forward if setting == "bf16" else min(bf16_forward, fp32_forward)) < 0.05

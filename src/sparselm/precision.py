@@ -92,3 +92,10 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     if precision != "fp32":
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return contextlib.nullcontext()
+
+
+def kv_cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
+    """The default dtype of a KV cache for decoding: fp32 on CPU, the weights' dtype elsewhere. PyTorch's CPU
+    attention kernel attends one query over bf16 keys ~4x slower than over fp32 ones, and decoding is mostly such
+    calls (docs/serving.md, "KV cache dtype"); attention then casts the bf16 queries to fp32."""
+    return torch.float32 if device.type == "cpu" else weights

@@ -177,7 +177,13 @@ class Attention(nn.Module):
             outputs = []
             for group, bias, dist in groups:
                 k_all, v_all = cache.keys(layer, group)
-                y_group = self._attend(group.queries(q), k_all, v_all, bias, dist, causal=False)
+                q_group = group.queries(q)
+                if k_all.dtype != q.dtype:  # a cache kept in another dtype than the weights (the serving engine's)
+                    if self.position == "xl":  # its position term multiplies queries with weights: keys follow q
+                        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+                    else:
+                        q_group = q_group.to(k_all.dtype)
+                y_group = self._attend(q_group, k_all, v_all, bias, dist, causal=False).to(q.dtype)
                 outputs.append(group.outputs(y_group))
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).flatten(-2))

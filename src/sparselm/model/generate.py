@@ -33,6 +33,7 @@ import torch
 
 from sparselm.errors import InputError
 from sparselm.model.transformer import Transformer
+from sparselm.precision import kv_cache_dtype
 
 
 @dataclass
@@ -158,12 +159,12 @@ def _model_device(model: Transformer) -> torch.device:
     return model.tok_emb.weight.device
 
 
-def _cache_dtype(device: torch.device) -> torch.dtype | None:
+def _cache_dtype(model: Transformer, device: torch.device) -> torch.dtype:
     # Under autocast the keys/values come out in the autocast dtype; a cache of that dtype halves its memory and
-    # loses nothing (an fp32 cache would only store the same bf16 values widened).
+    # loses nothing (an fp32 cache would only store the same bf16 values widened). Otherwise the decoding rule.
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return None
+    return kv_cache_dtype(model.tok_emb.weight.dtype, device)
 
 
 @torch.inference_mode()
@@ -239,7 +240,7 @@ def _cached_steps(model: Transformer, prompts: list[list[int]], max_new: int) ->
     idx, positions, valid = left_pad(prompts, device=device)
     batch, width = idx.shape
     # Slots: the prompt block plus one per fed-back token; the last sampled token is never fed back.
-    cache = model.new_cache(batch, width + max_new - 1, dtype=_cache_dtype(device))
+    cache = model.new_cache(batch, width + max_new - 1, dtype=_cache_dtype(model, device))
     logits = model(idx, positions=positions, valid=valid, cache=cache, last_only=True).logits[:, -1]
     next_pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
 

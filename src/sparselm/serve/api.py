@@ -83,8 +83,8 @@ class ServerState:
             self.engine = engine
             self.status = "ready"
             log.info(
-                "model %s loaded in engine process %d: %s, KV cache %d blocks of %d tokens (%.1f MiB)",
-                self.config.model_name, info.pid, info.precision, info.num_blocks, info.block_size,
+                "model %s loaded in engine process %d: %s weights, KV cache %d blocks of %d tokens in %s (%.1f MiB)",
+                self.config.model_name, info.pid, info.precision, info.num_blocks, info.block_size, info.kv_dtype,
                 info.kv_bytes / 2**20,
             )  # fmt: skip
         except (InputError, CheckpointError, FileNotFoundError, EngineStartError) as exc:

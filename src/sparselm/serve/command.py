@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="weights and KV cache: auto (bf16 where this CPU computes it natively, else fp32), bf16 or fp32",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="KV cache: auto (fp32 on CPU, where attention over fp32 keys is faster; the weights' dtype elsewhere), "
+        "bf16 (half the memory) or fp32",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     p.add_argument(
         "--max-batched-tokens",
@@ -68,7 +75,7 @@ def build(args: argparse.Namespace):
     from sparselm.checkpoint.files import load_config_from_checkpoint, resolve_checkpoint
     from sparselm.errors import InputError
     from sparselm.serve.api import ServerConfig, ServerState, checkpoint_name
-    from sparselm.serve.engine import kv_cache_blocks
+    from sparselm.serve.engine import kv_cache_blocks, kv_cache_dtype
     from sparselm.serve.params import EngineConfig, parse_bytes
 
     ckpt = resolve_checkpoint(args.ckpt)
@@ -82,6 +89,7 @@ def build(args: argparse.Namespace):
         precision=args.precision,
         seed=args.seed,
         step_threads=args.step_threads,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     for name in ("max_queue", "port"):
         if getattr(args, name) < 0:
@@ -93,7 +101,8 @@ def build(args: argparse.Namespace):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=logging.getLogger("sparselm.serve").warning)
-    kv_cache_blocks(cfg.model, engine, torch.bfloat16 if precision == "bf16" else torch.float32)
+    weights = torch.bfloat16 if precision == "bf16" else torch.float32
+    kv_cache_blocks(cfg.model, engine, kv_cache_dtype(engine.kv_cache_dtype, weights, torch.device("cpu")))
     engine.precision = precision  # resolved once: the engine does not measure again
     config = ServerConfig(
         ckpt=str(ckpt),

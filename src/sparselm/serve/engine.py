@@ -28,6 +28,7 @@ from sparselm.config import ModelConfig
 from sparselm.errors import InputError
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
+from sparselm.precision import kv_cache_dtype as default_kv_cache_dtype
 from sparselm.precision import resolve_precision
 from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
 from sparselm.serve.params import EngineConfig, SamplingParams
@@ -95,6 +96,14 @@ def check_prompt(prompt: list[int], vocab_size: int, max_seq_len: int) -> None:
         )
 
 
+def kv_cache_dtype(setting: str, weights: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype under ``EngineConfig.kv_cache_dtype``: ``auto`` is ``precision.kv_cache_dtype``'s rule
+    (fp32 on CPU, else the weights' dtype)."""
+    if setting == "auto":
+        return default_kv_cache_dtype(weights, device)
+    return torch.bfloat16 if setting == "bf16" else torch.float32
+
+
 def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
     """-> (blocks in the pool, bytes per block): ``kv_cache_memory`` bytes' worth, or room for ``max_num_seqs``
     sequences of ``max_seq_len`` tokens. InputError if the pool cannot hold even one full-length sequence."""
@@ -141,11 +150,12 @@ class Engine:
                 "so a request's output depends on what else is in its batch"
             )
         cfg = model.cfg
-        num_blocks, per_block = kv_cache_blocks(cfg, config, self.dtype)
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype, device)
+        num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching)
         self.kv = PagedKVCache(
-            cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.dtype, device
+            cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.kv_dtype, device
         )
         self.kv_bytes = num_blocks * per_block
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_batched_tokens)

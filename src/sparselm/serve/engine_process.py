@@ -46,6 +46,7 @@ class EngineInfo:
     """What the server needs to know of the loaded engine."""
 
     precision: str
+    kv_dtype: str
     vocab_size: int
     max_seq_len: int
     num_blocks: int
@@ -213,8 +214,8 @@ def run_engine(conn, ckpt: str, config: EngineConfig, threads: int, log_level: i
         return
     cfg = model.cfg
     info = EngineInfo(
-        engine.precision, cfg.vocab_size, cfg.max_seq_len, engine.pool.num_blocks, config.block_size,
-        engine.kv_bytes, os.getpid(), engine.snapshot(),
+        engine.precision, str(engine.kv_dtype).removeprefix("torch."), cfg.vocab_size, cfg.max_seq_len,
+        engine.pool.num_blocks, config.block_size, engine.kv_bytes, os.getpid(), engine.snapshot(),
     )  # fmt: skip
     conn.send(("ready", info))
     try:

@@ -85,7 +85,8 @@ class EngineConfig:
     max_batched_tokens: int = 512  # tokens (prefill chunks + one per decoding sequence) per step
     kv_cache_memory: int = 0  # bytes for the KV pool; 0: enough for max_num_seqs sequences of max_seq_len
     prefix_caching: bool = True
-    precision: str = "auto"  # auto | bf16 | fp32 (weights and KV cache)
+    precision: str = "auto"  # auto | bf16 | fp32 (weights; the KV cache too unless kv_cache_dtype says otherwise)
+    kv_cache_dtype: str = "auto"  # auto (engine.kv_cache_dtype's rule) | bf16 | fp32
     seed: int = 0  # draws the seeds of requests that give none
     step_threads: str = "auto"  # torch threads per step: auto (engine.threads_for_step) or a number for every step
 
@@ -95,6 +96,8 @@ class EngineConfig:
         _integer("kv_cache_memory", self.kv_cache_memory, low=0)
         if self.precision not in ("auto", "bf16", "fp32"):
             raise InputError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.kv_cache_dtype not in ("auto", "bf16", "fp32"):
+            raise InputError(f"kv_cache_dtype must be auto, bf16 or fp32, got {self.kv_cache_dtype!r}")
         self.step_threads = str(self.step_threads)
         if self.step_threads != "auto" and not (self.step_threads.isdigit() and int(self.step_threads) >= 1):
             raise InputError(f"step_threads must be auto or a whole number >= 1, got {self.step_threads!r}")
