@@ -342,6 +342,7 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
     rows = {
         "case": case,
         "precision": precision,
+        "kv_cache_dtype": "fp32" if kv_cache_dtype(dtype, torch.device("cpu")) == torch.float32 else "bf16",
         "weights": weights,
         "params": sum(p.numel() for p in model.parameters()),
     }

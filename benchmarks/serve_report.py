@@ -96,7 +96,8 @@ def format_docs(report: dict) -> str:
         "greedy; latencies in ms (p50 / p90 / p99).",
     ]
     for case in report["cases"]:
-        lines += ["", f"**{case['case']}**, {case['precision']} weights and KV cache ({case['params'] / 1e6:.1f}M "
+        kv = case.get("kv_cache_dtype", case["precision"])  # reports before 2026-12-07 08:00 kept them alike
+        lines += ["", f"**{case['case']}**, {case['precision']} weights, {kv} KV cache ({case['params'] / 1e6:.1f}M "
                   f"parameters, {case['weights']})", ""]  # fmt: skip
         lines += ["| load | completed | failed | req/s | output tok/s | TTFT | TPOT | ITL | E2E | load avg |",
                   "|---|---:|---:|---:|---:|---|---|---|---|---:|"]  # fmt: skip
