@@ -141,18 +141,23 @@ def _check_prompts(model: Transformer, prompts: list[list[int]]) -> list[int]:
     vocab, max_len = model.cfg.vocab_size, model.cfg.max_seq_len
     budgets = []
     for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise InputError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's eod id)")
-        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InputError(f"prompt {i} has token id {bad[0]!r} outside [0, model.vocab_size={vocab})")
-        if len(prompt) >= max_len:
-            raise InputError(
-                f"prompt {i} has {len(prompt)} tokens but model.max_seq_len={max_len}: "
-                f"no room for a new token (prompts must be shorter than max_seq_len)"
-            )
+        check_prompt(prompt, vocab, max_len, f"prompt {i}")
         budgets.append(max_len - len(prompt))
     return budgets
+
+
+def check_prompt(prompt: list[int], vocab_size: int, max_seq_len: int, name: str = "the prompt") -> None:
+    """InputError unless ``prompt`` is a non-empty list of token ids of the vocabulary with room for one more."""
+    if not prompt:
+        raise InputError(f"{name} is empty: give at least one token (e.g. the tokenizer's eod id)")
+    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InputError(f"{name} has token id {bad[0]!r} outside the vocabulary [0, model.vocab_size={vocab_size})")
+    if len(prompt) >= max_seq_len:
+        raise InputError(
+            f"{name} has {len(prompt)} tokens; this model's context (model.max_seq_len) is {max_seq_len} tokens, "
+            f"prompt plus output, so a prompt may have at most {max_seq_len - 1}"
+        )
 
 
 def _model_device(model: Transformer) -> torch.device:

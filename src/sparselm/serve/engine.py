@@ -26,6 +26,7 @@ import torch
 
 from sparselm.config import ModelConfig
 from sparselm.errors import InputError
+from sparselm.model.generate import check_prompt
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
 from sparselm.precision import kv_cache_dtype as default_kv_cache_dtype
@@ -80,20 +81,6 @@ def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
     if setting != "auto":
         return int(setting)
     return 1 if tokens <= ONE_THREAD_MAX_TOKENS else max_threads
-
-
-def check_prompt(prompt: list[int], vocab_size: int, max_seq_len: int) -> None:
-    """InputError unless ``prompt`` is a non-empty list of token ids of the vocabulary with room for one more."""
-    if not prompt:
-        raise InputError("the prompt is empty: give at least one token")
-    bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
-    if bad:
-        raise InputError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
-    if len(prompt) >= max_seq_len:
-        raise InputError(
-            f"the prompt has {len(prompt)} tokens; this model's context is {max_seq_len} tokens "
-            f"(prompt plus output), so a prompt may have at most {max_seq_len - 1}"
-        )
 
 
 def kv_cache_dtype(setting: str, weights: torch.dtype, device: torch.device) -> torch.dtype:
