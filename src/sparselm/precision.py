@@ -94,8 +94,10 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def kv_cache_dtype(weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """The default dtype of a KV cache for decoding: fp32 on CPU, the weights' dtype elsewhere. PyTorch's CPU
-    attention kernel attends one query over bf16 keys ~4x slower than over fp32 ones, and decoding is mostly such
-    calls (docs/serving.md, "KV cache dtype"); attention then casts the bf16 queries to fp32."""
-    return torch.float32 if device.type == "cpu" else weights
+def kv_cache_dtype(weights: torch.dtype, device: torch.device, setting: str = "auto") -> torch.dtype:
+    """A decoding KV cache's dtype: ``setting`` bf16 or fp32, or ``auto``: fp32 on CPU, the weights' dtype elsewhere.
+    PyTorch's CPU attention kernel attends one query over bf16 keys ~4x slower than over fp32 ones, and decoding is
+    mostly such calls (docs/serving.md, "KV cache dtype"); attention then casts the bf16 queries to fp32."""
+    if setting == "auto":
+        return torch.float32 if device.type == "cpu" else weights
+    return torch.bfloat16 if setting == "bf16" else torch.float32

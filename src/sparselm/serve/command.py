@@ -75,7 +75,7 @@ def build(args: argparse.Namespace):
     from sparselm.checkpoint.files import load_config_from_checkpoint, resolve_checkpoint
     from sparselm.errors import InputError
     from sparselm.serve.api import ServerConfig, ServerState, checkpoint_name
-    from sparselm.serve.engine import kv_cache_blocks, kv_cache_dtype
+    from sparselm.serve.engine import kv_cache_blocks
     from sparselm.serve.params import EngineConfig, parse_bytes
 
     ckpt = resolve_checkpoint(args.ckpt)
@@ -96,13 +96,13 @@ def build(args: argparse.Namespace):
             raise InputError(f"--{name.replace('_', '-')} must be >= 0")
     import torch
 
-    from sparselm.precision import resolve_precision
+    from sparselm.precision import kv_cache_dtype, resolve_precision
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=logging.getLogger("sparselm.serve").warning)
     weights = torch.bfloat16 if precision == "bf16" else torch.float32
-    kv_cache_blocks(cfg.model, engine, kv_cache_dtype(engine.kv_cache_dtype, weights, torch.device("cpu")))
+    kv_cache_blocks(cfg.model, engine, kv_cache_dtype(weights, torch.device("cpu"), engine.kv_cache_dtype))
     engine.precision = precision  # resolved once: the engine does not measure again
     config = ServerConfig(
         ckpt=str(ckpt),

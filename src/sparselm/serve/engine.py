@@ -29,8 +29,7 @@ from sparselm.errors import InputError
 from sparselm.model.generate import check_prompt
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
-from sparselm.precision import kv_cache_dtype as default_kv_cache_dtype
-from sparselm.precision import resolve_precision
+from sparselm.precision import kv_cache_dtype, resolve_precision
 from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
 from sparselm.serve.params import EngineConfig, SamplingParams
 from sparselm.serve.sampling import sample_tokens, token_logprob
@@ -83,14 +82,6 @@ def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
     return 1 if tokens <= ONE_THREAD_MAX_TOKENS else max_threads
 
 
-def kv_cache_dtype(setting: str, weights: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's dtype under ``EngineConfig.kv_cache_dtype``: ``auto`` is ``precision.kv_cache_dtype``'s rule
-    (fp32 on CPU, else the weights' dtype)."""
-    if setting == "auto":
-        return default_kv_cache_dtype(weights, device)
-    return torch.bfloat16 if setting == "bf16" else torch.float32
-
-
 def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
     """-> (blocks in the pool, bytes per block): ``kv_cache_memory`` bytes' worth, or room for ``max_num_seqs``
     sequences of ``max_seq_len`` tokens. InputError if the pool cannot hold even one full-length sequence."""
@@ -137,7 +128,7 @@ class Engine:
                 "so a request's output depends on what else is in its batch"
             )
         cfg = model.cfg
-        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype, device)
+        self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype)
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching)

@@ -86,7 +86,7 @@ class EngineConfig:
     kv_cache_memory: int = 0  # bytes for the KV pool; 0: enough for max_num_seqs sequences of max_seq_len
     prefix_caching: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (weights; the KV cache too unless kv_cache_dtype says otherwise)
-    kv_cache_dtype: str = "auto"  # auto (engine.kv_cache_dtype's rule) | bf16 | fp32
+    kv_cache_dtype: str = "auto"  # auto (precision.kv_cache_dtype's rule) | bf16 | fp32
     seed: int = 0  # draws the seeds of requests that give none
     step_threads: str = "auto"  # torch threads per step: auto (engine.threads_for_step) or a number for every step
 
