@@ -4,14 +4,18 @@ the chunked output layer + cross-entropy at the training benchmark's (nanoGPT's)
 Each op is timed alone, forward + backward where it has one: ``permute`` (sort by expert, dropless and with a
 capacity), ``dispatch`` and ``combine`` (gathers), and the expert FFN kernels: ``ExpertLoop`` with its default
 settings, without the thread-group split (every GEMM on all threads), without gradient-buffer recycling, and
-``grouped_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert). Then
+``grouped_experts`` and ``padded_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert).
+Then the expert kernels for inference (forward only, under ``torch.inference_mode``, weights held in the row's dtype
+as a serving engine holds them) at a few token counts (``--inference-tokens``): the loop against the padded kernel,
+with the kernel ``Experts`` would pick (``prefer_padded``). Then
 ``linear_cross_entropy`` against the plain ``F.cross_entropy(F.linear(x, W).float(), y)`` it replaces (4,096 tokens,
 d_model 512, vocabulary 32,000 by default), with its peak memory (the largest resident-set growth over one step,
 measured in a fresh process). All ops of one dtype are timed in interleaved rounds (A, B, C, A, B, C, ...) after one
 warm-up each; medians in ms. ``bf16`` = activations in bf16 over fp32 master weights (what autocast training hands
 the kernels).
 
-    python benchmarks/ops.py [--json] [--experts 64] [--top-k 2] [--tokens 8192] [--repeats 5] [--write-docs]
+    python benchmarks/ops.py [--json] [--experts 64] [--top-k 2] [--tokens 8192] [--inference-tokens 1,16,64,512]
+        [--repeats 5] [--write-docs]
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from sparselm.ops import (
     dispatch,
     grouped_experts,
     linear_cross_entropy,
+    padded_experts,
     permute,
+    prefer_padded,
 )
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence
 
@@ -94,6 +100,32 @@ def expert_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Call
         "expert_loop, threads=1 (no split)": ffn(ExpertLoop(ExpertLoopSettings(threads=1))),
         "expert_loop, reuse_grad_buffers=False": ffn(ExpertLoop(ExpertLoopSettings(reuse_grad_buffers=False))),
         "grouped_experts (grouped_mm)": ffn(grouped_experts),
+        "padded_experts (plain autograd)": ffn(padded_experts),
+    }
+
+
+def inference_steps(args: argparse.Namespace, dtype: torch.dtype, tokens: int) -> dict[str, Callable[[], None]]:
+    """The expert FFN forward at ``tokens`` tokens without autograd, weights in ``dtype``: loop and padded."""
+    gen = torch.Generator().manual_seed(1)
+    d, f, e, k = args.d_model, args.d_ff, args.experts, args.top_k
+    experts = torch.randn(tokens, e, generator=gen).topk(k, dim=-1).indices
+    perm = permute(experts, torch.bincount(experts.flatten(), minlength=e))
+    weights = [(torch.randn(*s, generator=gen) * 0.02).to(dtype) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    rows = torch.randn(perm.order.numel(), d, generator=gen).to(dtype)
+    gates = perm.rows_of(torch.rand(tokens, k, generator=gen))
+    picked = "padded" if prefer_padded(perm.counts.tolist()) else "loop"
+    loop = ExpertLoop(ExpertLoopSettings())
+
+    def step(kernel: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                kernel(rows, gates, perm.counts, *weights, None, None)
+
+        return run
+
+    return {
+        f"expert_loop, inference, {tokens} tokens": step(loop),
+        f"padded_experts, inference, {tokens} tokens (auto picks {picked})": step(padded_experts),
     }
 
 
@@ -130,7 +162,8 @@ def format_table(rows: list[dict], args: argparse.Namespace, note: str) -> str:
         f"Measured {when} UTC on {cpu_name()} ({os.cpu_count()} CPUs), {args.threads} threads, torch "
         f"{torch.__version__}. {args.tokens:,} tokens, top-{args.top_k} of {args.experts} experts, d_model "
         f"{args.d_model}, expert d_ff {args.d_ff} (SwiGLU, no bias). Median of {args.repeats} interleaved runs, ms; "
-        "forward + backward except `permute`. 1-minute load average at the end "
+        "forward + backward except `permute` and the inference rows (forward only, no autograd, weights in the "
+        "row's dtype, at the token count named). 1-minute load average at the end "
         f"{os.getloadavg()[0]:.2f} (2 cores: above ~0.2 beyond this run is someone else's work).",
         "",
         "| op | dtype | ms | fastest run ms | / reference | reference |",
@@ -193,6 +226,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--inference-tokens", default="1,16,64,512", help="token counts of the inference rows ('': none)")
     ap.add_argument("--d-model", type=int, default=512)
     ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--dtypes", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively)")
@@ -222,7 +256,10 @@ def main() -> None:
     loop_reference = "expert_loop (default settings)"
     for name in dtypes:
         dtype = torch.float32 if name == "fp32" else torch.bfloat16
-        groups = [(expert_steps(args, dtype), loop_reference, ("expert_loop", "grouped"))]
+        groups = [(expert_steps(args, dtype), loop_reference, ("expert_loop", "grouped", "padded"))]
+        for tokens in [int(t) for t in args.inference_tokens.split(",") if t]:
+            steps = inference_steps(args, dtype, tokens)
+            groups.append((steps, next(iter(steps)), ("expert_loop", "padded")))
         if args.vocab:
             groups.append((cross_entropy_steps(args, dtype), CE_REFERENCE, ("linear",)))
         for steps, reference, compared in groups:
@@ -235,6 +272,9 @@ def main() -> None:
                 if reference == CE_REFERENCE:
                     row |= {"tokens": args.ce_tokens, "vocab": args.vocab, "d_model": args.d_model}
                     row["peak_mb"] = _peak_memory_in_child(op, name)
+                elif ", inference, " in op:
+                    row |= {"tokens": int(op.split(", inference, ")[1].split()[0]), "inference": True}
+                    row |= {"experts": args.experts, "top_k": args.top_k}
                 else:
                     row |= {"tokens": args.tokens, "experts": args.experts, "top_k": args.top_k}
                 row["repeats"] = args.repeats

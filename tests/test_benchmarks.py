@@ -83,10 +83,16 @@ def test_moe_layer_benchmark_smallest_setting() -> None:
 def test_ops_benchmark_smallest_setting() -> None:
     args = ["--experts", "4", "--top-k", "2", "--tokens", "64", "--d-model", "16", "--d-ff", "32"]
     args += ["--ce-tokens", "32", "--vocab", "64"]
-    rows = _run("ops.py", *args, "--repeats", "1", "--dtypes", "fp32", "--no-wait")
+    rows = _run("ops.py", *args, "--inference-tokens", "1,16", "--repeats", "1", "--dtypes", "fp32", "--no-wait")
     ops = [r["op"].split()[0].rstrip(",") for r in rows]
-    want = {"permute", "dispatch", "combine", "expert_loop", "grouped_experts", "linear", "linear_cross_entropy"}
-    assert set(ops) == want, ops
+    want = {"permute", "dispatch", "combine", "expert_loop", "grouped_experts", "padded_experts", "linear"}
+    assert set(ops) == want | {"linear_cross_entropy"}, ops
+    inference = [r for r in rows if r.get("inference")]
+    assert [(r["op"].split(",")[0], r["tokens"]) for r in inference] == [
+        ("expert_loop", 1), ("padded_experts", 1), ("expert_loop", 16), ("padded_experts", 16)
+    ]  # fmt: skip
+    assert all(r["reference"] == f"expert_loop, inference, {r['tokens']} tokens" for r in inference)
+    assert all(r["op"].endswith(("(auto picks loop)", "(auto picks padded)")) for r in inference[1::2])
     assert all(r["ms"] > 0 and r["dtype"] == "fp32" for r in rows)
     default = next(r for r in rows if r["op"] == "expert_loop (default settings)")
     assert default["vs_reference"] == 1.0

@@ -1,13 +1,17 @@
 """Mixture-of-Experts FFN: route, sort tokens by expert, run every expert on its contiguous block of rows, combine.
 
 Expert weights are 3-D parameters ``[num_experts, d_in, d_out]`` so that FSDP and expert parallelism can shard
-dim 0. There is never a Python loop over tokens. The kernels are ops in :mod:`sparselm.ops`; two expert kernels
+dim 0. There is never a Python loop over tokens. The kernels are ops in :mod:`sparselm.ops`; three expert kernels
 compute the same thing (``Experts.impl``):
 
 - ``"loop"`` (the default on CPU): :class:`sparselm.ops.ExpertLoop`, a custom autograd Function that walks the
   experts, casting one expert's weights at a time, writing the weight gradients in place and folding the gates in.
 - ``"grouped_mm"`` (the default elsewhere): :func:`sparselm.ops.grouped_experts`, plain autograd through
   ``torch.nn.functional.grouped_mm``, for GPUs where a Python loop over experts would be launch-bound.
+- ``"padded"``: :func:`sparselm.ops.padded_experts`, one batched matmul per projection over rows padded to the
+  busiest expert. On CPU "auto" picks it without gradients (serving, generation) when the weights are already in
+  the compute dtype and the padding is small (``sparselm.ops.prefer_padded``): decoding steps, where the loop
+  pays per expert for a few rows each.
 
 Two modes:
 - dropless (default): every token reaches its top-k experts, however unbalanced the routing.
@@ -27,7 +31,16 @@ from torch import nn
 from sparselm.config import MoEConfig
 from sparselm.model.layers import FeedForward
 from sparselm.model.router import Router
-from sparselm.ops import ExpertLoop, combine, default_expert_loop, dispatch, grouped_experts, permute
+from sparselm.ops import (
+    ExpertLoop,
+    combine,
+    default_expert_loop,
+    dispatch,
+    grouped_experts,
+    padded_experts,
+    permute,
+    prefer_padded,
+)
 
 
 @dataclass
@@ -50,7 +63,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class Experts(nn.Module):
     """E independent FFNs stored as 3-D weights. SwiGLU: gate/up [E, d_model, d_ff], down [E, d_ff, d_model].
 
-    ``impl`` picks the kernel: "auto" (loop on CPU, grouped_mm elsewhere), "loop" or "grouped_mm"; all agree.
+    ``impl`` picks the kernel: "auto" (on CPU the loop, or the padded kernel for inference with few rows per expert;
+    grouped_mm elsewhere), "loop", "grouped_mm" or "padded"; all agree.
     ``loop`` is the loop kernel with its settings (default: the process's, from the environment).
     """
 
@@ -78,12 +92,19 @@ class Experts(nn.Module):
         output (None: unscaled) -> [M, d_model] in the compute dtype (the autocast dtype if autocast is on)."""
         x = x.to(compute_dtype(x))
         weights = (self.w_up, self.w_gate, self.w_down, self.b_up, self.b_down)
-        impl = self.impl if self.impl != "auto" else ("loop" if x.device.type == "cpu" else "grouped_mm")
+        impl = self.impl
+        if impl == "auto" and x.device.type != "cpu":
+            impl = "grouped_mm"
+        elif impl == "auto":
+            inference = not torch.is_grad_enabled() and self.w_up.dtype == x.dtype
+            impl = "padded" if inference and prefer_padded(counts.tolist()) else "loop"
         if impl == "loop":
             return self.loop(x, gates, counts, *weights)
         if impl == "grouped_mm":
             return grouped_experts(x, gates, counts, *weights)
-        raise ValueError(f"unknown experts impl {self.impl!r}: expected 'auto', 'loop' or 'grouped_mm'")
+        if impl == "padded":
+            return padded_experts(x, gates, counts, *weights)
+        raise ValueError(f"unknown experts impl {self.impl!r}: expected 'auto', 'loop', 'grouped_mm' or 'padded'")
 
 
 class MoE(nn.Module):

@@ -7,6 +7,8 @@
   with its settings (``settings.py``), its thread groups (``thread_groups.py``) and its recycled gradient memory
   (``grad_buffers.py``);
 - ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``);
+- ``padded_experts`` / ``prefer_padded``: the same FFN as batched matmuls over rows padded per expert, for inference
+  with few rows per expert, and the rule for when it pays (``padded_experts.py``);
 - ``linear_cross_entropy``: the output layer and the cross-entropy in row chunks, without the full fp32 logits
   (``linear_cross_entropy.py``).
 
@@ -19,6 +21,7 @@ from sparselm.ops.expert_loop import ExpertLoop, default_expert_loop
 from sparselm.ops.grad_buffers import GradBuffers
 from sparselm.ops.grouped_mm import grouped_experts, grouped_matmul
 from sparselm.ops.linear_cross_entropy import linear_cross_entropy
+from sparselm.ops.padded_experts import padded_experts, prefer_padded
 from sparselm.ops.permute import Permutation, permute
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads, split_experts
@@ -35,6 +38,8 @@ __all__ = [
     "grouped_experts",
     "grouped_matmul",
     "linear_cross_entropy",
+    "padded_experts",
     "permute",
+    "prefer_padded",
     "split_experts",
 ]

@@ -1,0 +1,83 @@
+"""The padded expert kernel (``sparselm.ops.padded_experts``): agreement with the textbook experts and the loop kernel,
+empty experts and empty inputs, bf16 results equal to the loop's, the rule choosing it, and ``Experts`` picking it
+only for inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_reference import as_args, expert_weights, params, textbook_experts
+from sparselm.config import MoEConfig
+from sparselm.model.moe import MoE
+from sparselm.ops import ExpertLoop, ExpertLoopSettings, padded_experts, prefer_padded
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_padded_experts_match_the_textbook_experts_values_and_gradients(kind: str, bias: bool, gated: bool) -> None:
+    counts = torch.tensor([7, 0, 12, 3, 9])
+    w = expert_weights(len(counts), 16, 24, kind, bias)
+    gen = torch.Generator().manual_seed(2)
+    m = int(counts.sum())
+    x = torch.randn(m, 16, generator=gen, requires_grad=True)
+    gates = torch.rand(m, generator=gen, requires_grad=True) if gated else None
+    upstream = torch.randn(m, 16, generator=gen)
+    inputs = [x, *([gates] if gated else []), *params(w)]
+    out = padded_experts(x, gates, counts, *as_args(w))
+    ref = textbook_experts(x, gates, counts, w)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad(ref, inputs, upstream)
+    for a, b in zip(torch.autograd.grad(out, inputs, upstream), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_experts_in_bf16_equal_the_loop_kernel_and_take_lists_and_empty_inputs() -> None:
+    counts = [3, 1, 0, 4, 2, 2]
+    w = {k: (v.detach().bfloat16() if v is not None else None) for k, v in expert_weights(6, 32, 48).items()}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(sum(counts), 32, generator=gen).bfloat16()
+    gates = torch.rand(sum(counts), generator=gen)
+    with torch.inference_mode():
+        loop = ExpertLoop(ExpertLoopSettings(threads=1))(x, gates, torch.tensor(counts), *as_args(w))
+        padded = padded_experts(x, gates, counts, *as_args(w))
+        empty = padded_experts(x[:0], gates[:0], [0] * 6, *as_args(w))
+    assert padded.dtype == torch.bfloat16 and torch.equal(padded, loop)
+    assert empty.shape == (0, 32)
+
+
+def test_prefer_padded_is_about_the_padding() -> None:
+    assert prefer_padded([4, 4, 3, 5])  # every expert busy: 4 * 5 = 20 padded rows for 16
+    assert not prefer_padded([1, 0, 0, 1] + [0] * 12)  # one token's top-2 of 16: 16 padded rows for 2
+    assert not prefer_padded([100] + [2] * 7)  # one busy expert: 800 padded rows for 114
+    assert not prefer_padded([0, 0, 0])
+
+
+def test_experts_pick_the_padded_kernel_only_for_inference_in_the_weights_dtype(monkeypatch) -> None:
+    import sparselm.model.moe as moe_module
+
+    calls = []
+    for name in ("padded_experts", "grouped_experts"):
+        original = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name, lambda *a, _o=original, _n=name: calls.append(_n) or _o(*a))
+    torch.manual_seed(0)
+    moe = MoE(16, 24, MoEConfig(num_experts=4, top_k=2)).eval()
+    for p in moe.parameters():  # the transformer initialises them; a bare MoE holds torch.empty
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(32, 16)  # 64 assignments over 4 experts: little padding
+    y_train, _ = moe(x)
+    assert calls == []  # gradients on: the loop
+    with torch.inference_mode():
+        y_infer, _ = moe(x)
+        assert calls == ["padded_experts"]
+        torch.testing.assert_close(y_infer, y_train.detach(), rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights, bf16 compute: the loop casts per expert
+            moe(x)
+        assert calls == ["padded_experts"]
+        moe.experts.impl = "padded"
+        moe(x[:1])
+        assert calls == ["padded_experts"] * 2
+        moe.experts.impl = "bogus"
+        with pytest.raises(ValueError, match="'padded'"):
+            moe(x)
