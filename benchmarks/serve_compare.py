@@ -53,9 +53,9 @@ def variants(old_src: str | None) -> dict[str, dict]:
         out["old"] = {"src": old_src, "uvicorn": PLAIN_UVICORN, "args": []}
     out |= {
         "new": {"args": []},
-        "new, --step-threads 2": {"args": ["--step-threads", "2"]},
-        "new, --step-threads 1": {"args": ["--step-threads", "1"]},
-        "new, asyncio + h11": {"uvicorn": PLAIN_UVICORN, "args": []},
+        "new step-threads 2": {"args": ["--step-threads", "2"]},
+        "new step-threads 1": {"args": ["--step-threads", "1"]},
+        "new asyncio h11": {"uvicorn": PLAIN_UVICORN, "args": []},
         "new kv-bf16": {"args": ["--kv-cache-dtype", "bf16"]},
     }
     return out

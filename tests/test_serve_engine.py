@@ -328,6 +328,50 @@ def test_block_pool_prefix_cache_and_eviction_order() -> None:
     assert BlockPool(2, prefix_caching=False).lookup([h0]) == []
 
 
+def test_block_pool_claims_keep_each_growing_sequence_in_one_run() -> None:
+    pool = BlockPool(32)
+    a = pool.allocate(2, room=8)
+    b = pool.allocate(2, room=8)  # not right after a: a has claimed 0..7
+    assert a == [0, 1] and b == [8, 9]
+    a += pool.allocate(1, after=a[-1], room=6)
+    b += pool.allocate(3, after=b[-1], room=6)
+    assert a == [0, 1, 2] and b == [8, 9, 10, 11, 12]
+    a += pool.allocate(6, after=a[-1])  # past its claim: 3..7, then a new run (8..15 are b's)
+    assert a == [0, 1, 2, 3, 4, 5, 6, 7, 16]
+    pool.release(a)
+    assert pool.claims.keys() == {8} and all(pool.claim_of[i] == -1 for i in range(8)) and pool.claim_of[16] == -1
+    # the first free block in eviction order (a's, uncached, head first) that starts a run of 4 unclaimed ones
+    assert pool.allocate(3, room=4) == [0, 1, 2]
+    # fragmented: no run of two free blocks, so the blocks come in eviction order
+    small = BlockPool(4)
+    held = [small.allocate(1, room=1), small.allocate(1, room=1), small.allocate(1, room=1)]
+    small.release(held[1])
+    assert small.allocate(2, room=2) == [1, 3] and small.num_free == 0
+
+
+def test_sequences_growing_side_by_side_are_read_in_place() -> None:
+    """Sequences admitted together and decoding together each keep one run of blocks: no gathers."""
+    from sparselm.serve.kv_cache import StepCache
+
+    in_place = []
+    keys = StepCache.keys
+
+    def spy_keys(self, layer, group):
+        if hasattr(group, "first_block"):
+            in_place.append(group.first_block is not None)
+        return keys(self, layer, group)
+
+    model = make_model("rope", "moe")
+    engine = Engine(model, FakeTokenizer(), EngineConfig(block_size=4, precision="fp32"))
+    StepCache.keys = spy_keys
+    try:
+        engine.generate(random_prompts(8, seed=5), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    finally:
+        StepCache.keys = keys
+    assert len(in_place) > 8 * 2 * 20 and all(in_place)
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine.pool.claims
+
+
 def test_engine_config_errors() -> None:
     model = make_model(max_seq_len=128)
     with pytest.raises(InputError, match="one sequence of model.max_seq_len=128 needs 32"):

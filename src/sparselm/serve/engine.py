@@ -136,7 +136,7 @@ class Engine:
             cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.kv_dtype, device
         )
         self.kv_bytes = num_blocks * per_block
-        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_batched_tokens)
+        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_batched_tokens, cfg.max_seq_len)
         self.moe_layers = [i for i, block in enumerate(model.layers) if isinstance(block.ffn, MoE)]
         experts = moe.num_experts if self.moe_layers else 0
         self.expert_load = torch.zeros(len(self.moe_layers), experts, dtype=torch.long)

@@ -1,10 +1,11 @@
 """The paged KV cache: fixed-size blocks from one pool allocated at start, block tables per sequence, prefix caching.
 
-``BlockPool`` does the bookkeeping (no tensors): reference counts, the free queue, and the prefix cache, which maps
+``BlockPool`` does the bookkeeping (no tensors): reference counts, the free queue, the sequences' claims (the runs
+of blocks they are expected to grow into, so that a sequence's blocks stay one run) and the prefix cache, which maps
 the hash of a full block's tokens and of everything before it to the block holding their keys and values. A freed
 block keeps its contents and its hash until it is handed out again, so a later request with the same prefix (or a
-preempted request coming back) finds it; free blocks without a hash are handed out first, then cached ones in the
-order they were freed (least recently used first).
+preempted request coming back) finds it; the free queue is in eviction order: blocks without a hash first, then
+cached ones in the order they were freed (least recently used first).
 
 ``PagedKVCache`` holds the tensors, ``[layers, heads, blocks, block_size, head_dim]`` for keys and for values (head
 major: a sequence's gathered keys are then contiguous per head, the layout attention kernels read fastest), and
@@ -33,6 +34,15 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockPool:
+    """Blocks, their reference counts, the free queue, the prefix cache and the sequences' claims.
+
+    A claim is the run of blocks a sequence is expected to grow into: where a sequence starts (or restarts, when
+    the block after its last one is taken), the pool picks a run of free blocks that no other claim covers and is
+    long enough for the blocks it asks ``room`` for, and the sequence then grows block by block into that run. Its
+    blocks stay one run of the pool, which attention reads in place instead of gathering. Placement does not
+    follow the prefix cache's eviction order: a run may hold cached blocks freed more recently than others.
+    """
+
     def __init__(self, num_blocks: int, prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
@@ -40,6 +50,8 @@ class BlockPool:
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.claim_of = [-1] * num_blocks  # the claim covering each block: its first block, or -1
+        self.claims: dict[int, range] = {}
 
     @property
     def num_free(self) -> int:
@@ -49,37 +61,72 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self.free)
 
-    def allocate(self, count: int, after: int | None = None) -> list[int] | None:
+    def allocate(self, count: int, after: int | None = None, room: int = 0) -> list[int] | None:
         """``count`` blocks with reference count 1, or None (nothing taken) when fewer are free. Each block is the one
-        after the previous (the first: after ``after``) when that one is free and caches nothing, so that a sequence's
-        blocks tend to form one run, which attention reads in place instead of gathering."""
+        after the previous (the first: after ``after``) when that one is free and no other sequence's claim covers
+        it; otherwise the rest start a new claim of up to ``max(room, count)`` blocks (see the class docstring), and
+        where no free run is long enough for all of them, the blocks are taken in eviction order: free blocks
+        without a hash first, then cached ones in the order they were freed (least recently used first)."""
         if count > len(self.free):
             return None
-        blocks = []
-        for _ in range(count):
-            block = after + 1 if after is not None else -1
-            if block in self.free and self.hashes[block] is None:
-                del self.free[block]
-            else:
-                block, _ = self.free.popitem(last=False)
-            old = self.hashes[block]
-            if old is not None:  # evict: its contents are about to be overwritten
-                del self.cached[old]
-                self.hashes[block] = None
-            self.refs[block] = 1
-            blocks.append(block)
-            after = block
+        blocks: list[int] = []
+        while len(blocks) < count:
+            nxt = after + 1 if after is not None else -1
+            if 0 <= nxt < self.num_blocks and self.refs[nxt] == 0 and self.claim_of[nxt] in (-1, self.claim_of[after]):
+                blocks.append(self._take(nxt))
+                after = nxt
+                continue
+            start = self._place(count - len(blocks), max(room - len(blocks), count - len(blocks)))
+            if start is None:  # fragmented: no run holds even the blocks asked for now
+                while len(blocks) < count:
+                    blocks.append(self._take(next(iter(self.free))))
+                break
+            blocks.append(self._take(start))
+            after = start
         return blocks
 
+    def _place(self, need: int, room: int) -> int | None:
+        """Claim a run of free, unclaimed blocks for a sequence that needs ``need`` blocks now and expects ``room``:
+        the first start in eviction order whose run holds ``room``, else the longest run holding ``need``."""
+        run = [0] * (self.num_blocks + 1)
+        for b in range(self.num_blocks - 1, -1, -1):
+            run[b] = run[b + 1] + 1 if self.refs[b] == 0 and self.claim_of[b] == -1 else 0
+        best = None
+        for b in self.free:
+            if run[b] >= room:
+                best = b
+                break
+            if run[b] >= need and (best is None or run[b] > run[best]):
+                best = b
+        if best is None:
+            return None
+        claim = range(best, best + min(room, run[best]))
+        self.claims[best] = claim
+        for b in claim:
+            self.claim_of[b] = best
+        return best
+
+    def _take(self, block: int) -> int:
+        del self.free[block]
+        old = self.hashes[block]
+        if old is not None:  # evict: its contents are about to be overwritten
+            del self.cached[old]
+            self.hashes[block] = None
+        self.refs[block] = 1
+        return block
+
     def release(self, blocks: list[int]) -> None:
-        """Drop one reference to each block. Freed last blocks are evicted first: a sequence's tail is the part
-        least likely to be shared."""
+        """Drop one reference to each block, and a claim started at a block no sequence holds any more. Freed last
+        blocks are evicted first: a sequence's tail is the part least likely to be shared."""
         for block in reversed(blocks):
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 self.free[block] = None
                 if self.hashes[block] is None:
                     self.free.move_to_end(block, last=False)
+                claim = self.claims.pop(block, None)
+                for b in claim or ():
+                    self.claim_of[b] = -1
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The longest run of ``hashes`` found in the cache, each block taken with one more reference."""

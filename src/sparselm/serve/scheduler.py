@@ -28,8 +28,11 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_batched_tokens: int) -> None:
+    def __init__(
+        self, pool: BlockPool, block_size: int, max_num_seqs: int, max_batched_tokens: int, max_seq_len: int
+    ) -> None:
         self.pool = pool
+        self.max_seq_len = max_seq_len
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -121,7 +124,10 @@ class Scheduler:
         needed = -(-upto // self.block_size) - len(seq.blocks)
         if needed <= 0:
             return True
-        blocks = self.pool.allocate(needed, after=seq.blocks[-1] if seq.blocks else None)
+        # the blocks it will hold if it runs to max_tokens: the pool keeps that much room after them if it can
+        final = -(-min(len(seq.prompt) + seq.params.max_tokens, self.max_seq_len) // self.block_size)
+        room = final - len(seq.blocks)
+        blocks = self.pool.allocate(needed, after=seq.blocks[-1] if seq.blocks else None, room=room)
         if blocks is None:
             return False
         seq.blocks.extend(blocks)
