@@ -13,7 +13,7 @@ from sparselm.config import ModelConfig, MoEConfig
 from sparselm.errors import InputError
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
-from sparselm.serve.engine import ONE_THREAD_MAX_TOKENS, Engine, threads_for_step
+from sparselm.serve.engine import ONE_THREAD_MAX_TOKENS, ONE_THREAD_MAX_WEIGHT_BYTES, Engine, threads_for_step
 from sparselm.serve.kv_cache import BlockPool, block_hash
 from sparselm.serve.params import EngineConfig, SamplingParams, parse_bytes
 from sparselm.serve.sequence import Status, TextTracker
@@ -233,6 +233,9 @@ def test_num_sequences_counts_every_sequence_not_finished() -> None:
 def test_step_threads_setting_and_auto_rule() -> None:
     assert threads_for_step("auto", 1, 2) == 1 and threads_for_step("auto", ONE_THREAD_MAX_TOKENS, 4) == 1
     assert threads_for_step("auto", ONE_THREAD_MAX_TOKENS + 1, 4) == 4 and threads_for_step("3", 1, 2) == 3
+    assert threads_for_step("auto", 1, 2, ONE_THREAD_MAX_WEIGHT_BYTES) == 1
+    assert threads_for_step("auto", 1, 2, ONE_THREAD_MAX_WEIGHT_BYTES + 1) == 2  # a large model: both, always
+    assert threads_for_step("1", 64, 2, 10 * ONE_THREAD_MAX_WEIGHT_BYTES) == 1
     for bad in ("0", "two", "-1"):
         with pytest.raises(InputError, match="step_threads must be auto or a whole number"):
             EngineConfig(step_threads=bad)

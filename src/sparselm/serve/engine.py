@@ -10,7 +10,8 @@ multiplies one block of rows); logits only for the rows that sample a token or s
 sequence with its own settings and generator; record tokens, logprobs and text; free what finished.
 
 Torch's intra-op threads are chosen per step (``EngineConfig.step_threads``, see ``threads_for_step``): a small step
-gains little from a second thread, and in the server that thread's core is what the HTTP side needs.
+of a small model gains little from a second thread, and in the server that thread's core is what the HTTP side
+needs.
 """
 
 from __future__ import annotations
@@ -68,18 +69,23 @@ class EngineStats:
     seconds: dict[str, float] = field(default_factory=lambda: {"schedule": 0.0, "forward": 0.0, "sample": 0.0})
 
 
-# ``step_threads = auto``: a step of at most this many tokens runs on one torch thread, a larger one on all of them
-# (the process's --threads). Measured through the server (demo MoE, bf16, 2 cores), 1 against 2 threads for every
-# step: at concurrency 1 and 4 one thread gave more tokens/s and a lower TPOT, at 16 and 64 two threads did
-# (docs/benchmarks.md, "Torch threads per step"); the boundary is put between 4 and 16 tokens.
+# ``step_threads = auto``: a step of at most ONE_THREAD_MAX_TOKENS tokens of a model of at most
+# ONE_THREAD_MAX_WEIGHT_BYTES of weights runs on one torch thread, any other step on all of them (the process's
+# --threads). Measured through the server (bf16, 2 cores), 1 against 2 threads for every step: on the demo MoE
+# (18 MB of weights) one thread gave more tokens/s and a lower TPOT at concurrency 1 and 4, two threads at 16 and
+# 64; on the d512 model (181 MB) two threads gave the lower TPOT at concurrency 1 as well (docs/benchmarks.md,
+# "Torch threads per step" and "The decode step"). Both boundaries lie between the measured points.
 ONE_THREAD_MAX_TOKENS = 8
+ONE_THREAD_MAX_WEIGHT_BYTES = 64 * 2**20
 
 
-def threads_for_step(setting: str, tokens: int, max_threads: int) -> int:
-    """Torch intra-op threads for a step of ``tokens`` tokens under the ``step_threads`` setting."""
+def threads_for_step(setting: str, tokens: int, max_threads: int, weight_bytes: int = 0) -> int:
+    """Torch intra-op threads for a step of ``tokens`` tokens of a model holding ``weight_bytes`` of weights under
+    the ``step_threads`` setting."""
     if setting != "auto":
         return int(setting)
-    return 1 if tokens <= ONE_THREAD_MAX_TOKENS else max_threads
+    small = tokens <= ONE_THREAD_MAX_TOKENS and weight_bytes <= ONE_THREAD_MAX_WEIGHT_BYTES
+    return 1 if small else max_threads
 
 
 def kv_cache_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> tuple[int, int]:
@@ -150,6 +156,7 @@ class Engine:
         self._num_sequences = 0  # added and not yet finished or aborted, wherever they are (changed under _lock)
         self._outputs: list[SequenceOutput] = []
         self.max_threads = torch.get_num_threads()  # the pool the process was given (--threads)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     # ------------------------------------------------------------------------------------------- requests
     def check_prompt(self, prompt: list[int]) -> None:
@@ -258,7 +265,7 @@ class Engine:
         pos = torch.tensor([positions], dtype=torch.long, device=device)
         cache = StepCache(self.kv, chunks, device)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
-        self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads))
+        self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads, self.weight_bytes))
         t1 = time.perf_counter()
         out = self.model(idx, positions=pos, cache=cache, output_rows=row_index)
         logits = out.logits.float()
