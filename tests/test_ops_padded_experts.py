@@ -52,6 +52,7 @@ def test_prefer_padded_is_about_the_padding() -> None:
     assert not prefer_padded([1, 0, 0, 1] + [0] * 12)  # one token's top-2 of 16: 16 padded rows for 2
     assert not prefer_padded([100] + [2] * 7)  # one busy expert: 800 padded rows for 114
     assert not prefer_padded([0, 0, 0])
+    assert prefer_padded([4, 1, 1, 0]) and not prefer_padded([4, 1, 1, 0], torch.float32)  # 16 padded for 6 rows
 
 
 def test_experts_pick_the_padded_kernel_only_for_inference_in_the_weights_dtype(monkeypatch) -> None:

@@ -97,7 +97,7 @@ class Experts(nn.Module):
             impl = "grouped_mm"
         elif impl == "auto":
             inference = not torch.is_grad_enabled() and self.w_up.dtype == x.dtype
-            impl = "padded" if inference and prefer_padded(counts.tolist()) else "loop"
+            impl = "padded" if inference and prefer_padded(counts.tolist(), x.dtype) else "loop"
         if impl == "loop":
             return self.loop(x, gates, counts, *weights)
         if impl == "grouped_mm":

@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Padded rows (E * C) may be up to this many times the real rows before the per-expert loop is preferred.
-MAX_PADDING_FACTOR = 4
+# Padded rows (E * C) may be up to this many times the real rows before the per-expert loop is preferred: fewer in
+# fp32, whose matmuls cost 2-3x bf16's per row on CPU, so wasted rows cost more (docs/benchmarks.md, "The decode step").
+MAX_PADDING_FACTOR = {torch.bfloat16: 4, torch.float32: 2}
 
 
-def prefer_padded(counts: list[int]) -> bool:
-    """Whether the padded kernel should run for these rows per expert: the padded rows, every expert's busiest
-    count, stay under ``MAX_PADDING_FACTOR`` times the real ones. One token's top-k (most experts idle) and a skewed
-    routing of a long prompt (one busy expert) both go to the loop."""
+def prefer_padded(counts: list[int], dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the padded kernel should run for these rows per expert in ``dtype``: the padded rows, every expert's
+    busiest count, stay under ``MAX_PADDING_FACTOR`` times the real ones. One token's top-k (most experts idle) and a
+    skewed routing of a long prompt (one busy expert) both go to the loop."""
     rows = sum(counts)
-    return rows > 0 and len(counts) * max(counts) < MAX_PADDING_FACTOR * rows
+    return rows > 0 and len(counts) * max(counts) < MAX_PADDING_FACTOR.get(dtype, 2) * rows
 
 
 def padded_experts(x, gates, counts, w_up, w_gate, w_down, b_up, b_down) -> torch.Tensor:
