@@ -5,7 +5,8 @@ second child at a fixed concurrency, as benchmarks/serve.py does. The server's /
 their wall time; /proc gives the CPU time of the server's process (the HTTP side), of its engine process, and the
 load generator reports its own. Then, in this process, the same requests run through the engine alone at the same
 concurrency (a new request joins as one finishes). Reported per engine step: wall ms in the server and alone, the
-engine process's CPU ms, the HTTP process's CPU ms, the load generator's CPU ms.
+engine process's CPU ms, the HTTP process's CPU ms, the load generator's CPU ms; and of the engine alone's time, the
+share of steps that carried a prompt chunk and of decode-only steps by how many sequences ran (the load's tail).
 
     python benchmarks/serve_profile.py [--case demo-moe] [--concurrency 16] [--requests 32] [--threads 2]
         [--step-threads auto] [--precision auto]
@@ -48,26 +49,49 @@ def client_main(base: str, path: str, concurrency: int) -> None:
     print(json.dumps({**summarize(results, seconds), "cpu_seconds": cpu}))
 
 
+def step_kind(plan: list) -> str:
+    """A step's plan (sequence, tokens fed) -> what kind of step it was."""
+    if sum(n for _, n in plan) > len(plan):
+        return "prefill"
+    if len(plan) <= 4:
+        return "decode, 1-4 sequences"
+    return "decode, 5-15 sequences" if len(plan) < 16 else "decode, 16+ sequences"
+
+
 def alone(engine, requests: list[Request], concurrency: int) -> dict:
-    """The same requests through the engine alone, ``concurrency`` in flight; -> per-step wall and tokens/s."""
+    """The same requests through the engine alone, ``concurrency`` in flight; -> per-step wall, tokens/s, and where
+    the steps' time went: steps that carried a prompt chunk, and decode-only steps by how many sequences ran."""
     from sparselm.serve.params import SamplingParams
 
+    schedule, plans = engine.scheduler.schedule, []
+    engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
     pending = list(enumerate(requests))
-    running, times, tokens = [], [], 0
+    running, times, tokens, kinds = [], [], 0, []
     start = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < concurrency:
-            i, r = pending.pop(0)
-            params = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
-            running.append(engine.add_request(f"alone-{i}", r.prompt, params))
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-        for s in [s for s in running if s.status is Status.FINISHED]:
-            tokens += len(s.output)
-            running.remove(s)
+    try:
+        while pending or running:
+            while pending and len(running) < concurrency:
+                i, r = pending.pop(0)
+                params = SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+                running.append(engine.add_request(f"alone-{i}", r.prompt, params))
+            plans.clear()
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+            plan = plans[-1] if plans else []
+            kinds.append(step_kind(plan))
+            for s in [s for s in running if s.status is Status.FINISHED]:
+                tokens += len(s.output)
+                running.remove(s)
+    finally:
+        del engine.scheduler.schedule  # back to the class's method
     seconds = time.perf_counter() - start
-    return {"steps": len(times), "step_ms": 1e3 * sum(times) / len(times), "output_throughput": tokens / seconds}
+    share = {}
+    for label in ("prefill", "decode, 1-4 sequences", "decode, 5-15 sequences", "decode, 16+ sequences"):
+        picked = [t for t, k in zip(times, kinds, strict=True) if k == label]
+        share[label] = {"steps": len(picked), "seconds": sum(picked), "share": sum(picked) / seconds}
+    return {"steps": len(times), "step_ms": 1e3 * sum(times) / len(times), "output_throughput": tokens / seconds,
+            "time_by_step_kind": share}  # fmt: skip
 
 
 def engine_counters(server: Server) -> tuple[float, float]:
@@ -144,6 +168,7 @@ def main() -> None:
     alone(engine, requests[:4], 4)  # the same warm-up as the server's
     a = alone(engine, requests, args.concurrency)
     report.update(alone_steps=a["steps"], alone_step_ms=a["step_ms"], alone_output_throughput=a["output_throughput"])
+    report["alone_time_by_step_kind"] = a["time_by_step_kind"]
     print(json.dumps(report, indent=1))
 
 
