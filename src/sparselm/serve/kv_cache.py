@@ -87,20 +87,25 @@ class BlockPool:
 
     def _place(self, need: int, room: int) -> int | None:
         """Claim a run of free, unclaimed blocks for a sequence that needs ``need`` blocks now and expects ``room``:
-        the first start in eviction order whose run holds ``room``, else the longest run holding ``need``."""
-        run = [0] * (self.num_blocks + 1)
-        for b in range(self.num_blocks - 1, -1, -1):
-            run[b] = run[b + 1] + 1 if self.refs[b] == 0 and self.claim_of[b] == -1 else 0
-        best = None
+        the first start in eviction order whose run holds ``room``, else the longest run holding ``need``. Runs are
+        measured only as far as ``room``, and a block inside a run already measured is not measured again."""
+        best, best_len = None, 0
+        measured: set[int] = set()
         for b in self.free:
-            if run[b] >= room:
-                best = b
+            if b in measured or self.claim_of[b] != -1:
+                continue
+            end = b
+            while end < self.num_blocks and end - b < room and self.refs[end] == 0 and self.claim_of[end] == -1:
+                end += 1
+            if end - b >= room:
+                best, best_len = b, end - b
                 break
-            if run[b] >= need and (best is None or run[b] > run[best]):
-                best = b
+            measured.update(range(b, end))
+            if end - b >= need and end - b > best_len:
+                best, best_len = b, end - b
         if best is None:
             return None
-        claim = range(best, best + min(room, run[best]))
+        claim = range(best, best + best_len)
         self.claims[best] = claim
         for b in claim:
             self.claim_of[b] = best
