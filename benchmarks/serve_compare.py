@@ -7,7 +7,7 @@ threads) and, with ``--baselines``, requests one at a time through ``generate`` 
 transformers (benchmarks/serve.py's functions). Printed: output tokens/s and TPOT p50 per variant and concurrency,
 and the three target ratios.
 
-    python benchmarks/serve_compare.py --case demo-moe [--old-src DIR] [--variants old,new,...]
+    python benchmarks/serve_compare.py --case demo-moe [--ckpt RUN] [--old-src DIR] [--variants old,new,...]
         [--concurrency 1,4,16,64] [--rounds 1] [--baselines] [--json]
 """
 
@@ -73,6 +73,7 @@ def start(variant: dict, ckpt: Path, precision: str, threads: int, extra: list[s
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="demo-moe")
+    ap.add_argument("--ckpt", default=None, help="a trained run (e.g. runs/demo) instead of the case's random weights")
     ap.add_argument("--old-src", default=None, help="the src directory of the tree to compare against")
     ap.add_argument("--variants", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--concurrency", default="1,4,16,64")
@@ -89,10 +90,11 @@ def main() -> None:
     names = args.variants.split(",") if args.variants else list(table)
     levels = [int(c) for c in args.concurrency.split(",")]
     tokenizer, ids, _ = tokenizer_and_text()
-    model, cfg, _ = build(args.case, None, tokenizer.vocab_size)
+    model, cfg, weights = build(args.case, args.ckpt, tokenizer.vocab_size)
     work = Path(tempfile.mkdtemp(prefix="serve-compare-"))
     quick = argparse.Namespace(quick=False)
-    report = {"machine": machine(), "case": args.case, "precision": precision, "threads": args.threads}
+    report = {"machine": machine(), "case": args.case, "weights": weights, "precision": precision}
+    report["threads"] = args.threads
     try:
         ckpt = save(model, cfg, tokenizer, work / args.case)
         model.to(dtype)
@@ -136,8 +138,8 @@ def markdown(report: dict, names: list[str], levels: list[int]) -> str:
     bare = report["bare_decode_ms"]
     base = {b["system"].split(",")[0]: b["output_throughput"] for b in report.get("baselines", [])}
     lines = [
-        f"{report['case']}, {report['precision']}, {m['cpu']}, {m['date']}, load {m['load_before']:.1f} -> "
-        f"{m['load_after']:.1f}; bare decode forward p50 "
+        f"{report['case']}, {report['weights']}, {report['precision']}, {m['cpu']}, {m['date']}, load "
+        f"{m['load_before']:.1f} -> {m['load_after']:.1f}; bare decode forward p50 "
         + ", ".join(f"{t} thread{'s' if t > 1 else ''}: {v:.2f} ms" for t, v in bare.items())
         + (", " + ", ".join(f"{k}: {v:.1f} tok/s" for k, v in base.items()) if base else ""),
         "",
