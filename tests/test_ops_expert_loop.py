@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expert_reference import as_args, expert_weights, params, textbook_experts
+from expert_reference import as_args, check_against_textbook, expert_weights, params
 from sparselm.ops import ExpertLoop, ExpertLoopSettings
 
 COUNTS = torch.tensor([0, 30, 2, 0, 0, 9, 51, 1, 0, 17, 40, 0])  # uneven, with empty experts
@@ -21,22 +21,10 @@ COUNTS = torch.tensor([0, 30, 2, 0, 0, 9, 51, 1, 0, 17, 40, 0])  # uneven, with 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 def test_loop_matches_the_textbook_experts(kind: str, bias: bool, gated: bool) -> None:
-    w = expert_weights(len(COUNTS), 32, 48, kind, bias)
-    gen = torch.Generator().manual_seed(1)
-    m = int(COUNTS.sum())
-    x = torch.randn(m, 32, generator=gen, requires_grad=True)
-    gates = torch.rand(m, generator=gen, requires_grad=True) if gated else None
-    upstream = torch.randn(m, 32, generator=gen)
-    out = ExpertLoop(ExpertLoopSettings(threads=1))(x, gates, COUNTS, *as_args(w))
-    ref = textbook_experts(x, gates, COUNTS, w)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    inputs = [x, *([gates] if gated else []), *params(w)]
-    got = torch.autograd.grad(out, inputs, upstream)
-    want = torch.autograd.grad(ref, inputs, upstream)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    loop = ExpertLoop(ExpertLoopSettings(threads=1))
+    weight_grads = check_against_textbook(loop, COUNTS, 32, 48, kind, bias, gated, seed=1)
     # An expert without rows gets an exact zero gradient, not leftovers from recycled or uninitialised memory.
-    for g in got[len(inputs) - len(params(w)) :]:
+    for g in weight_grads:
         assert torch.equal(g[0], torch.zeros_like(g[0])) and torch.equal(g[11], torch.zeros_like(g[11]))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expert_reference import as_args, expert_weights, params, textbook_experts
+from expert_reference import as_args, check_against_textbook, expert_weights
 from sparselm.config import MoEConfig
 from sparselm.model.moe import MoE
 from sparselm.ops import ExpertLoop, ExpertLoopSettings, padded_experts, prefer_padded
@@ -17,20 +17,7 @@ from sparselm.ops import ExpertLoop, ExpertLoopSettings, padded_experts, prefer_
 @pytest.mark.parametrize("kind", ["swiglu", "gelu"])
 @pytest.mark.parametrize("gated", [True, False])
 def test_padded_experts_match_the_textbook_experts_values_and_gradients(kind: str, bias: bool, gated: bool) -> None:
-    counts = torch.tensor([7, 0, 12, 3, 9])
-    w = expert_weights(len(counts), 16, 24, kind, bias)
-    gen = torch.Generator().manual_seed(2)
-    m = int(counts.sum())
-    x = torch.randn(m, 16, generator=gen, requires_grad=True)
-    gates = torch.rand(m, generator=gen, requires_grad=True) if gated else None
-    upstream = torch.randn(m, 16, generator=gen)
-    inputs = [x, *([gates] if gated else []), *params(w)]
-    out = padded_experts(x, gates, counts, *as_args(w))
-    ref = textbook_experts(x, gates, counts, w)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    want = torch.autograd.grad(ref, inputs, upstream)
-    for a, b in zip(torch.autograd.grad(out, inputs, upstream), want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    check_against_textbook(padded_experts, torch.tensor([7, 0, 12, 3, 9]), 16, 24, kind, bias, gated, seed=2)
 
 
 def test_padded_experts_in_bf16_equal_the_loop_kernel_and_take_lists_and_empty_inputs() -> None:
