@@ -57,6 +57,7 @@ def variants(old_src: str | None) -> dict[str, dict]:
         "new step-threads 1": {"args": ["--step-threads", "1"]},
         "new asyncio h11": {"uvicorn": PLAIN_UVICORN, "args": []},
         "new kv-bf16": {"args": ["--kv-cache-dtype", "bf16"]},
+        "new sdpa": {"env": {"SPARSELM_PAGED_ATTENTION": "off"}, "args": []},  # PyTorch's attention, fp32 cache
     }
     return out
 
@@ -67,6 +68,7 @@ def start(variant: dict, ckpt: Path, precision: str, threads: int, extra: list[s
         launch = ["-c", UVICORN_FORCED, json.dumps(variant["uvicorn"])]
     if "src" in variant:
         env["PYTHONPATH"] = variant["src"]
+    env |= variant.get("env", {})
     return Server(ckpt, precision, threads, extra + variant["args"], launch=launch, env=env)
 
 

@@ -100,6 +100,15 @@ def test_ops_benchmark_smallest_setting() -> None:
     assert chunked["reference"] == "linear + cross_entropy (plain)" and chunked["peak_mb"] >= 0
 
 
+def test_paged_attention_benchmark_smallest_setting() -> None:
+    args = ["--heads", "2", "--lengths", "5,40", "--seqs", "3", "--layers", "2", "--repeats", "1", "--head-dim", "16"]
+    rows = _run("paged_attention.py", *args)
+    assert [(r["heads"], r["keys"], r["impl"]) for r in rows] == [
+        (2, n, f"kernel, {dtype} pool") for n in (5, 40) for dtype in ("fp32", "bf16")
+    ]
+    assert all(r["ms"] > 0 and r["sdpa_fp32_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
+
+
 def test_serve_benchmark_smallest_setting(tiny_tokenizer) -> None:
     args = ("--quick", "--cases", "tiny-moe", "--precisions", "fp32", "--threads", "1", "--tokenizer")
     rows = _run("serve.py", *args, str(tiny_tokenizer.path))

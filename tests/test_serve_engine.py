@@ -13,6 +13,7 @@ from sparselm.config import ModelConfig, MoEConfig
 from sparselm.errors import InputError
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
+from sparselm.ops import paged_attention
 from sparselm.serve.engine import ONE_THREAD_MAX_TOKENS, ONE_THREAD_MAX_WEIGHT_BYTES, Engine, threads_for_step
 from sparselm.serve.kv_cache import BlockPool, block_hash
 from sparselm.serve.params import EngineConfig, SamplingParams, parse_bytes
@@ -143,12 +144,22 @@ def test_decode_batch_and_chunked_prefill_without_preemption() -> None:
     assert load.shape == (2, 4) and int(load.sum()) == 2 * 2 * (sum(map(len, prompts)) + 10 * 11)
 
 
+def without_paged_kernel(monkeypatch) -> None:
+    """Engines built after this attend through PyTorch's SDPA, as where the paged kernel cannot be built."""
+    import sparselm.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "paged_kernel_refusal", lambda cfg, device: "turned off by the test")
+
+
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_decoding_sequences_attend_unmasked_over_their_blocks_in_place_or_gathered(monkeypatch, position) -> None:
-    """A decoding sequence meets exactly its own keys with no mask, read in place when its blocks form one run and
-    gathered otherwise (here: interleaved growth and shared prefix blocks); outputs and logprobs stay exact."""
+    """Without the paged kernel, a decoding sequence meets exactly its own keys with no mask, read in place when its
+    blocks form one run and gathered otherwise (here: interleaved growth and shared prefix blocks); outputs and
+    logprobs stay exact."""
     import sparselm.model.attention as attention
     from sparselm.serve.kv_cache import StepCache
+
+    without_paged_kernel(monkeypatch)
 
     decode_masks, paths = [], []
     sdpa, keys = attention.F.scaled_dot_product_attention, StepCache.keys
@@ -352,9 +363,11 @@ def test_block_pool_claims_keep_each_growing_sequence_in_one_run() -> None:
     assert small.allocate(2, room=2) == [1, 3] and small.num_free == 0
 
 
-def test_sequences_growing_side_by_side_are_read_in_place() -> None:
-    """Sequences admitted together and decoding together each keep one run of blocks: no gathers."""
+def test_sequences_growing_side_by_side_are_read_in_place(monkeypatch) -> None:
+    """Sequences admitted together and decoding together each keep one run of blocks: no gathers (the SDPA path)."""
     from sparselm.serve.kv_cache import StepCache
+
+    without_paged_kernel(monkeypatch)
 
     in_place = []
     keys = StepCache.keys
@@ -394,19 +407,63 @@ def test_engine_config_errors() -> None:
 
 @pytest.mark.parametrize("position", ["rope", "relative", "xl"])
 def test_bf16_weights_with_an_fp32_or_a_bf16_kv_cache(position: str) -> None:
-    """On CPU the KV cache is fp32 by default (``kv_cache_dtype = auto``) while the weights are bf16: attention casts
-    the queries to the cache's dtype (xl: the keys to the queries', since its position term multiplies queries with
-    weights). With a bf16 cache the logprobs are a plain bf16 forward's; with an fp32 one, attention computes in
-    fp32 (T5's bias too), so they lie between a bf16 forward and an fp32 forward of the same rounded weights: within
-    0.05 of one of them, while those two differ by 0.1-0.3 here."""
-    for setting, dtype in (("auto", torch.float32), ("bf16", torch.bfloat16)):
+    """With bf16 weights on CPU, ``kv_cache_dtype = auto`` keeps the cache in bf16 where the paged kernel attends
+    the decoding queries (rope) and in fp32 where PyTorch's attention does (relative, xl: it reads one query over
+    fp32 keys faster). Attention casts the queries to the cache's dtype (xl: the keys to the queries', since its
+    position term multiplies queries with weights); the paged kernel computes in fp32 whatever the cache holds.
+    Through SDPA over a bf16 cache the logprobs are a plain bf16 forward's; where attention computes in fp32 (an fp32
+    cache, T5's bias too, or the kernel) they lie between a bf16 forward and an fp32 forward of the same rounded
+    weights: within 0.05 of one of them, while those two differ by 0.1-0.3 here."""
+    for setting in ("auto", "bf16", "fp32"):
         model = make_model(position, init_std=0.1)  # 0.5 makes these random models chaotic in bf16
         rounded = copy.deepcopy(model).to(torch.bfloat16).float()
         config = EngineConfig(precision="bf16", kv_cache_dtype=setting, block_size=4, max_batched_tokens=16)
         engine = Engine(model, FakeTokenizer(), config)
-        assert engine.kv.k.dtype == dtype and model.tok_emb.weight.dtype == torch.bfloat16
+        assert engine.paged_kernel == (position == "rope")
+        auto = torch.bfloat16 if engine.paged_kernel else torch.float32
+        assert engine.kv.k.dtype == {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+        assert model.tok_emb.weight.dtype == torch.bfloat16
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)
         seqs = engine.generate(random_prompts(4, 7), params)
         assert all(len(s.output) == 8 and len(s.output_logprobs) == 8 for s in seqs)
         bf16_forward, fp32_forward = check_logprobs(model, seqs), check_logprobs(rounded, seqs)
-        assert (bf16_forward if setting == "bf16" else min(bf16_forward, fp32_forward)) < 0.05
+        sdpa_in_bf16 = engine.kv.k.dtype == torch.bfloat16 and not engine.paged_kernel
+        assert (bf16_forward if sdpa_in_bf16 else min(bf16_forward, fp32_forward)) < 0.05
+
+
+@pytest.mark.parametrize("position", ["rope", "absolute", "none"])
+def test_decoding_sequences_attend_through_the_paged_kernel(monkeypatch, position) -> None:
+    """Where it builds, the paged kernel attends every decoding query of a step in one call per layer (PyTorch's
+    attention then sees only prompt chunks), with interleaved arrivals, preemption and shared prefixes: greedy
+    outputs stay generate's and logprobs a plain forward's within 1e-4."""
+    import sparselm.model.attention as attention
+    import sparselm.serve.kv_cache as kv_cache
+
+    assert paged_attention.kernel_available(), paged_attention.unavailable_reason()
+    kernel_calls, sdpa_queries = [], []
+    kernel, sdpa = kv_cache.paged_decode_attention, attention.F.scaled_dot_product_attention
+
+    def spy_kernel(q, k, v, tables, lengths, *args):
+        kernel_calls.append(q.shape[0])
+        return kernel(q, k, v, tables, lengths, *args)
+
+    def spy_sdpa(q, *args, **kwargs):
+        sdpa_queries.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    model = make_model(position, "moe")
+    prompts = random_prompts(12, seed=4, shared=37)
+    expected = reference(model, prompts, 16)
+    config = EngineConfig(  # 40 blocks of 2,048 bytes: preemption
+        block_size=4, max_num_seqs=6, max_batched_tokens=24, kv_cache_memory=40 * 2048, precision="fp32"
+    )
+    engine = Engine(model, FakeTokenizer(), config)
+    assert engine.paged_kernel and engine.decode_attention == "sparselm paged kernel"
+    monkeypatch.setattr(kv_cache, "paged_decode_attention", spy_kernel)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy_sdpa)
+    seqs = run_interleaved(engine, prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2))
+    assert [s.output for s in seqs] == expected
+    assert check_logprobs(model, seqs) < 1e-4
+    assert engine.scheduler.counters.preemptions > 0 and engine.scheduler.counters.prefix_hits > 0
+    assert max(kernel_calls) > 1 and sum(kernel_calls) >= 2 * 12 * 15  # 2 layers, 15 decode steps per sequence
+    assert 1 not in sdpa_queries  # no decoding query went through SDPA

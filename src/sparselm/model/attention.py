@@ -57,7 +57,8 @@ class AttentionCache(Protocol):
     """Where keys and values live between forwards, and which keys each new query meets.
 
     The transformer calls ``groups`` once per forward (before any layer), then every attention layer ``store``s
-    its new keys/values and attends each group's queries to ``keys(layer, group)``; ``advance`` ends the forward.
+    its new keys/values and attends each group's queries to ``keys(layer, group)``, unless ``attend`` computes the
+    group's attention itself (a cache with a kernel of its own); ``advance`` ends the forward.
     ``KVCache`` (one contiguous row per sequence, for ``generate``) is one implementation; a paged cache that
     serves a packed batch of sequences of different lengths (``sparselm.serve``) is another.
     """
@@ -67,6 +68,11 @@ class AttentionCache(Protocol):
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
 
     def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, layer: int, group: KeyGroup, q: torch.Tensor) -> torch.Tensor | None:
+        """The group's attention output [B, H, Tq, hd] from the forward's queries ``q``, or None: attention reads
+        ``keys`` and computes it."""
+        ...
 
     def advance(self, num_tokens: int) -> None: ...
 
@@ -105,6 +111,9 @@ class KVCache:
     def keys(self, layer: int, group: KeyGroup) -> tuple[torch.Tensor, torch.Tensor]:
         end = group.k_positions.shape[1]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend(self, layer: int, group: KeyGroup, q: torch.Tensor) -> None:
+        return None
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -176,14 +185,16 @@ class Attention(nn.Module):
             cache.store(layer, k, v)
             outputs = []
             for group, bias, dist in groups:
-                k_all, v_all = cache.keys(layer, group)
-                q_group = group.queries(q)
-                if k_all.dtype != q.dtype:  # a cache kept in another dtype than the weights (the serving engine's)
-                    if self.position == "xl":  # its position term multiplies queries with weights: keys follow q
-                        k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
-                    else:
-                        q_group = q_group.to(k_all.dtype)
-                y_group = self._attend(q_group, k_all, v_all, bias, dist, causal=False).to(q.dtype)
+                y_group = cache.attend(layer, group, q)
+                if y_group is None:
+                    k_all, v_all = cache.keys(layer, group)
+                    q_group = group.queries(q)
+                    if k_all.dtype != q.dtype:  # a cache kept in another dtype than the weights
+                        if self.position == "xl":  # its position term multiplies queries with weights: keys follow q
+                            k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
+                        else:
+                            q_group = q_group.to(k_all.dtype)
+                    y_group = self._attend(q_group, k_all, v_all, bias, dist, causal=False).to(q.dtype)
                 outputs.append(group.outputs(y_group))
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).flatten(-2))

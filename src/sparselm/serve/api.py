@@ -83,9 +83,10 @@ class ServerState:
             self.engine = engine
             self.status = "ready"
             log.info(
-                "model %s loaded in engine process %d: %s weights, KV cache %d blocks of %d tokens in %s (%.1f MiB)",
+                "model %s loaded in engine process %d: %s weights, KV cache %d blocks of %d tokens in %s (%.1f MiB), "
+                "decode attention: %s",
                 self.config.model_name, info.pid, info.precision, info.num_blocks, info.block_size, info.kv_dtype,
-                info.kv_bytes / 2**20,
+                info.kv_bytes / 2**20, info.decode_attention,
             )  # fmt: skip
         except (InputError, CheckpointError, FileNotFoundError, EngineStartError) as exc:
             self._fail(str(exc))

@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         choices=("auto", "bf16", "fp32"),
         default="auto",
-        help="KV cache: auto (fp32 on CPU, where attention over fp32 keys is faster; the weights' dtype elsewhere), "
-        "bf16 (half the memory) or fp32",
+        help="KV cache: auto (the weights' dtype; fp32 on a CPU where the paged decode kernel cannot be built, as "
+        "PyTorch's attention reads fp32 keys faster), bf16 (half the memory) or fp32",
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     p.add_argument(
@@ -75,7 +75,7 @@ def build(args: argparse.Namespace):
     from sparselm.checkpoint.files import load_config_from_checkpoint, resolve_checkpoint
     from sparselm.errors import InputError
     from sparselm.serve.api import ServerConfig, ServerState, checkpoint_name
-    from sparselm.serve.engine import kv_cache_blocks
+    from sparselm.serve.engine import kv_cache_blocks, uses_paged_kernel
     from sparselm.serve.params import EngineConfig, parse_bytes
 
     ckpt = resolve_checkpoint(args.ckpt)
@@ -102,7 +102,9 @@ def build(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=logging.getLogger("sparselm.serve").warning)
     weights = torch.bfloat16 if precision == "bf16" else torch.float32
-    kv_cache_blocks(cfg.model, engine, kv_cache_dtype(weights, torch.device("cpu"), engine.kv_cache_dtype))
+    cpu = torch.device("cpu")
+    paged = uses_paged_kernel(cfg.model, cpu)
+    kv_cache_blocks(cfg.model, engine, kv_cache_dtype(weights, cpu, engine.kv_cache_dtype, paged))
     engine.precision = precision  # resolved once: the engine does not measure again
     config = ServerConfig(
         ckpt=str(ckpt),

@@ -30,6 +30,7 @@ from sparselm.errors import InputError
 from sparselm.model.generate import check_prompt
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
+from sparselm.ops import paged_attention
 from sparselm.precision import kv_cache_dtype, resolve_precision
 from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
 from sparselm.serve.params import EngineConfig, SamplingParams
@@ -77,6 +78,21 @@ class EngineStats:
 # "Torch threads per step" and "The decode step"). Both boundaries lie between the measured points.
 ONE_THREAD_MAX_TOKENS = 8
 ONE_THREAD_MAX_WEIGHT_BYTES = 64 * 2**20
+
+
+def paged_kernel_refusal(cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why decoding sequences cannot attend through the paged decode kernel (``sparselm.ops.paged_attention``), or
+    None when they can: it runs on CPU, for attention without a position bias (rope, absolute or none; relative and
+    xl add one per query-key pair, which the kernel does not), where it builds."""
+    if device.type != "cpu":
+        return f"the kernel is CPU-only (device {device.type})"
+    if cfg.position in ("relative", "xl"):
+        return f"model.position={cfg.position} adds a position bias the kernel does not"
+    return paged_attention.unavailable_reason()
+
+
+def uses_paged_kernel(cfg: ModelConfig, device: torch.device) -> bool:
+    return paged_kernel_refusal(cfg, device) is None
 
 
 def threads_for_step(setting: str, tokens: int, max_threads: int, weight_bytes: int = 0) -> int:
@@ -134,7 +150,10 @@ class Engine:
                 "so a request's output depends on what else is in its batch"
             )
         cfg = model.cfg
-        self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype)
+        refusal = paged_kernel_refusal(cfg, device)
+        self.paged_kernel = refusal is None
+        self.decode_attention = "sparselm paged kernel" if refusal is None else f"PyTorch SDPA per sequence ({refusal})"
+        self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching)
@@ -263,7 +282,7 @@ class Engine:
         device = self.device
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         pos = torch.tensor([positions], dtype=torch.long, device=device)
-        cache = StepCache(self.kv, chunks, device)
+        cache = StepCache(self.kv, chunks, device, self.paged_kernel)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
         self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads, self.weight_bytes))
         t1 = time.perf_counter()

@@ -54,6 +54,7 @@ class EngineInfo:
     kv_bytes: int
     pid: int
     snapshot: EngineSnapshot
+    decode_attention: str = ""  # what decoding sequences attend through, and why
 
 
 class EngineProcess:
@@ -216,6 +217,7 @@ def run_engine(conn, ckpt: str, config: EngineConfig, threads: int, log_level: i
     info = EngineInfo(
         engine.precision, str(engine.kv_dtype).removeprefix("torch."), cfg.vocab_size, cfg.max_seq_len,
         engine.pool.num_blocks, config.block_size, engine.kv_bytes, os.getpid(), engine.snapshot(),
+        engine.decode_attention,
     )  # fmt: skip
     conn.send(("ready", info))
     try:

@@ -11,9 +11,10 @@ cached ones in the order they were freed (least recently used first).
 major: a sequence's gathered keys are then contiguous per head, the layout attention kernels read fastest), and
 ``StepCache`` is one forward's view of it: the model's ``AttentionCache`` for a packed batch of sequences (see
 ``sparselm.model.attention``). The new tokens of a step are laid out as the decoding sequences (one token each)
-followed by each prefill chunk. Each decoding sequence attends alone over exactly its keys with no mask (SDPA's
-unmasked path; one batched call would attend over every sequence's keys padded to the longest), in place when its
-blocks form one run and gathered otherwise; each prefill chunk attends in a call of its own with a causal mask.
+followed by each prefill chunk. The decoding sequences attend in one call of the paged decode kernel
+(``sparselm.ops.paged_attention``: each over exactly its keys, read in place through its block table) when the
+engine uses it; otherwise each attends alone through SDPA's unmasked path, in place when its blocks form one run
+and gathered otherwise. Each prefill chunk attends in a call of its own with a causal mask.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sparselm.model.attention import KeyGroup
+from sparselm.ops.paged_attention import paged_decode_attention
 
 
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -230,6 +232,19 @@ class _OneDecode(KeyGroup):
         return q[:, :, self.row : self.row + 1]
 
 
+class _PagedDecodes(KeyGroup):
+    """All decoding sequences of a step (packed rows ``0..count``), attended by the paged kernel: ``tables`` [S, W]
+    their block ids, ``lengths`` [S] their key counts. No mask and no position bias (the engine uses the kernel only
+    for models without relative positions)."""
+
+    def __init__(self, count: int, tables: torch.Tensor, lengths: torch.Tensor) -> None:
+        super().__init__(None, None, None)  # type: ignore[arg-type]
+        self.count, self.tables, self.lengths = count, tables, lengths
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        return q[:, :, : self.count]
+
+
 class _ChunkGroup(KeyGroup):
     """One sequence's prefill chunk at packed rows ``rows``; keys: all of its blocks so far."""
 
@@ -243,9 +258,10 @@ class _ChunkGroup(KeyGroup):
 
 
 class StepCache:
-    """The model's ``AttentionCache`` for one packed forward over ``chunks`` (decoding ones, count 1, first)."""
+    """The model's ``AttentionCache`` for one packed forward over ``chunks`` (decoding ones, count 1, first);
+    ``paged_kernel``: the decoding sequences attend through the paged decode kernel."""
 
-    def __init__(self, cache: PagedKVCache, chunks: list[ScheduledChunk], device) -> None:
+    def __init__(self, cache: PagedKVCache, chunks: list[ScheduledChunk], device, paged_kernel: bool = False) -> None:
         self.cache = cache
         bs = cache.block_size
         slots = []
@@ -260,7 +276,16 @@ class StepCache:
         if decode and any(c.count != 1 for c in chunks[: len(decode)]):
             raise ValueError("decoding chunks (one token) must come first")
         gathered_blocks: list[int] = []
-        for row, c in enumerate(decode):
+        if paged_kernel and decode:
+            used = [c.blocks[: c.start // bs + 1] for c in decode]
+            width = max(map(len, used))
+            tables = torch.tensor([b + [0] * (width - len(b)) for b in used], dtype=torch.long, device=device)
+            lengths = torch.tensor([c.start + 1 for c in decode], dtype=torch.long, device=device)
+            self._groups.append(_PagedDecodes(len(decode), tables, lengths))
+            decode_rows = []
+        else:
+            decode_rows = list(enumerate(decode))
+        for row, c in decode_rows:
             blocks = c.blocks[: c.start // bs + 1]
             first = blocks[0]
             if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))):
@@ -312,6 +337,13 @@ class StepCache:
             gathered = self.cache.gather(layer, which, rows)  # [H * B * W, bs * hd]
             out.append(gathered.view(self.cache.n_heads, batch, -1, hd).transpose(0, 1))  # [B, H, W * bs, hd]
         return out[0], out[1]
+
+    def attend(self, layer: int, group: KeyGroup, q: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(group, _PagedDecodes):
+            return None
+        queries = group.queries(q)[0].transpose(0, 1)  # [S, H, hd]
+        y = paged_decode_attention(queries, self.cache.k[layer], self.cache.v[layer], group.tables, group.lengths)
+        return y.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, H, S, hd]
 
     def advance(self, num_tokens: int) -> None:
         pass
