@@ -44,6 +44,7 @@ from sparselm.config import apply_overrides, load_config
 from sparselm.model.generate import SamplingConfig, generate
 from sparselm.model.transformer import Transformer
 from sparselm.precision import kv_cache_dtype, resolve_precision
+from sparselm.serve.engine import paged_kernel_refusal
 
 REPO = Path(__file__).resolve().parents[1]
 D512 = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8", "model.d_ff=1408", "moe.num_experts=16",
@@ -339,10 +340,14 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
     model.to(dtype)
     reqs = make_requests(ids, 64 if not args.quick else 8, seed=1, eod=tokenizer.eod_id)
     base = reqs[: 4 if args.quick else 16]
+    cpu = torch.device("cpu")
+    refusal = paged_kernel_refusal(cfg.model, cpu)  # the engine's own choice, for the labels
+    paged = refusal is None
     rows = {
         "case": case,
         "precision": precision,
-        "kv_cache_dtype": "fp32" if kv_cache_dtype(dtype, torch.device("cpu")) == torch.float32 else "bf16",
+        "kv_cache_dtype": "fp32" if kv_cache_dtype(dtype, cpu, "auto", paged) == torch.float32 else "bf16",
+        "decode_attention": "sparselm paged kernel" if paged else f"PyTorch SDPA per sequence ({refusal})",
         "weights": weights,
         "params": sum(p.numel() for p in model.parameters()),
     }

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- serve:start -->", "<!-- serve:end -->"
 PARTS = {
-    "attention (SDPA + masks)": (Attention, "_attend"),
+    "attention: SDPA (prompt chunks; decoding too without the kernel)": (Attention, "_attend"),
+    "attention: paged decode kernel": (StepCache, "attend"),
     "KV blocks: gather + store": (StepCache, ("keys", "store")),
     "MoE FFN (router, dispatch, experts, combine)": (MoE, "forward"),
     "dense FFN": (FeedForward, "forward"),
@@ -97,8 +98,9 @@ def format_docs(report: dict) -> str:
     ]
     for case in report["cases"]:
         kv = case.get("kv_cache_dtype", case["precision"])  # reports before 2026-12-07 08:00 kept them alike
-        lines += ["", f"**{case['case']}**, {case['precision']} weights, {kv} KV cache ({case['params'] / 1e6:.1f}M "
-                  f"parameters, {case['weights']})", ""]  # fmt: skip
+        attention = f", decode attention: {case['decode_attention']}" if "decode_attention" in case else ""
+        lines += ["", f"**{case['case']}**, {case['precision']} weights, {kv} KV cache{attention} "
+                  f"({case['params'] / 1e6:.1f}M parameters, {case['weights']})", ""]  # fmt: skip
         lines += ["| load | completed | failed | req/s | output tok/s | TTFT | TPOT | ITL | E2E | load avg |",
                   "|---|---:|---:|---:|---:|---|---|---|---|---:|"]  # fmt: skip
         for r in case.get("runs", []):
