@@ -86,3 +86,39 @@ def test_bad_arguments_are_named() -> None:
     bad[0, 0] = 8
     with pytest.raises(RuntimeError, match="sequence 0 names block 8 of a pool of 8"):
         paged_decode_attention(q, k, v, bad, lengths)
+
+
+def test_where_the_kernel_cannot_be_built_the_engine_says_why_and_keeps_sdpa(monkeypatch) -> None:
+    """A build failure (no compiler, no ninja) or SPARSELM_PAGED_ATTENTION=off leaves the kernel out with the reason,
+    and the engine then attends through SDPA over an fp32 cache (bf16 weights), as before the kernel existed."""
+    from torch.utils import cpp_extension
+
+    from sparselm.config import ModelConfig
+    from sparselm.model.transformer import Transformer
+    from sparselm.serve.engine import Engine
+    from sparselm.serve.params import EngineConfig
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found\nmore lines")
+
+    try:
+        paged_attention._load.cache_clear()
+        monkeypatch.setattr(cpp_extension, "load", no_compiler)
+        assert not paged_attention.kernel_available()
+        assert paged_attention.unavailable_reason() == (
+            "the C++ kernel could not be built (Error building extension: c++: command not found)"
+        )
+        with pytest.raises(RuntimeError, match="paged decode attention is unavailable: the C"):
+            paged_decode_attention(*case(1, 1, 16, 4, num_blocks=2, dtype=torch.float32))
+        model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=32))
+        engine = Engine(model, tokenizer=None, config=EngineConfig(precision="bf16", block_size=4))
+        assert not engine.paged_kernel and engine.kv.k.dtype == torch.float32
+        assert engine.decode_attention.startswith("PyTorch SDPA per sequence (the C++ kernel could not be built")
+        monkeypatch.undo()
+        paged_attention._load.cache_clear()
+        monkeypatch.setenv("SPARSELM_PAGED_ATTENTION", "off")
+        assert paged_attention.unavailable_reason() == "turned off by SPARSELM_PAGED_ATTENTION"
+    finally:
+        monkeypatch.undo()
+        paged_attention._load.cache_clear()
+    assert paged_attention.kernel_available()
