@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 
 import pytest
 import torch
@@ -419,7 +420,7 @@ def test_bf16_weights_with_an_fp32_or_a_bf16_kv_cache(position: str) -> None:
         rounded = copy.deepcopy(model).to(torch.bfloat16).float()
         config = EngineConfig(precision="bf16", kv_cache_dtype=setting, block_size=4, max_batched_tokens=16)
         engine = Engine(model, FakeTokenizer(), config)
-        assert engine.paged_kernel == (position == "rope")
+        assert engine.paged_kernel == (position == "rope" and paged_attention.kernel_available())
         auto = torch.bfloat16 if engine.paged_kernel else torch.float32
         assert engine.kv.k.dtype == {"auto": auto, "bf16": torch.bfloat16, "fp32": torch.float32}[setting]
         assert model.tok_emb.weight.dtype == torch.bfloat16
@@ -431,6 +432,7 @@ def test_bf16_weights_with_an_fp32_or_a_bf16_kv_cache(position: str) -> None:
         assert (bf16_forward if sdpa_in_bf16 else min(bf16_forward, fp32_forward)) < 0.05
 
 
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 @pytest.mark.parametrize("position", ["rope", "absolute", "none"])
 def test_decoding_sequences_attend_through_the_paged_kernel(monkeypatch, position) -> None:
     """Where it builds, the paged kernel attends every decoding query of a step in one call per layer (PyTorch's
