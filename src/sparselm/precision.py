@@ -99,8 +99,8 @@ def kv_cache_dtype(
 ) -> torch.dtype:
     """A decoding KV cache's dtype: ``setting`` bf16 or fp32, or ``auto``: the weights' dtype, except fp32 on a CPU
     whose decoding queries go through PyTorch's attention kernel (not ``paged_kernel``, sparselm's own): it attends
-    one query over bf16 keys ~4x slower than over fp32 ones, and decoding is mostly such calls (docs/serving.md, "KV
-    cache dtype"); attention then casts the bf16 queries to fp32."""
+    one query over bf16 keys ~4x slower than over fp32 ones, and decoding is mostly such calls (docs/serving.md,
+    "Decode attention and the KV cache dtype"); attention then casts the bf16 queries to fp32."""
     if setting == "auto":
         return torch.float32 if device.type == "cpu" and not paged_kernel else weights
     return torch.bfloat16 if setting == "bf16" else torch.float32

@@ -75,7 +75,7 @@ def build(args: argparse.Namespace):
     from sparselm.checkpoint.files import load_config_from_checkpoint, resolve_checkpoint
     from sparselm.errors import InputError
     from sparselm.serve.api import ServerConfig, ServerState, checkpoint_name
-    from sparselm.serve.engine import kv_cache_blocks, uses_paged_kernel
+    from sparselm.serve.engine import kv_cache_blocks, paged_kernel_refusal
     from sparselm.serve.params import EngineConfig, parse_bytes
 
     ckpt = resolve_checkpoint(args.ckpt)
@@ -103,7 +103,7 @@ def build(args: argparse.Namespace):
     precision = resolve_precision(args.precision, torch.device("cpu"), warn=logging.getLogger("sparselm.serve").warning)
     weights = torch.bfloat16 if precision == "bf16" else torch.float32
     cpu = torch.device("cpu")
-    paged = uses_paged_kernel(cfg.model, cpu)
+    paged = paged_kernel_refusal(cfg.model, cpu) is None
     kv_cache_blocks(cfg.model, engine, kv_cache_dtype(weights, cpu, engine.kv_cache_dtype, paged))
     engine.precision = precision  # resolved once: the engine does not measure again
     config = ServerConfig(

@@ -91,10 +91,6 @@ def paged_kernel_refusal(cfg: ModelConfig, device: torch.device) -> str | None:
     return paged_attention.unavailable_reason()
 
 
-def uses_paged_kernel(cfg: ModelConfig, device: torch.device) -> bool:
-    return paged_kernel_refusal(cfg, device) is None
-
-
 def threads_for_step(setting: str, tokens: int, max_threads: int, weight_bytes: int = 0) -> int:
     """Torch intra-op threads for a step of ``tokens`` tokens of a model holding ``weight_bytes`` of weights under
     the ``step_threads`` setting."""
