@@ -3,12 +3,13 @@ through Hugging Face transformers' ``generate``, same prompts, same model, same 
 
 For each model (the demo MoE of configs/default.toml with its context raised to 1,024, and a d_model 512, 8-layer,
 16-expert top-2 MoE; random weights unless ``--ckpt`` gives a trained demo run):
-1. in this process: the bare decode forward (one token through the model's contiguous KV cache, what ``generate``
-   does per step), requests one at a time through ``generate``, static batches of 16 through the HF model that
+1. in this process: requests one at a time through ``generate``, static batches of 16 through the HF model that
    ``sparselm.interop.to_transformers`` builds from the same weights (when that function exists), and a breakdown
    of the engine's decode step by component at 1 and 16 sequences;
 2. ``sparselm serve`` in a subprocess on a loopback port, driven by serve_load.py at fixed concurrency 1, 4, 16,
-   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16.
+   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16. Right before and right
+   after the concurrency-1 load (the server idle), this process times the bare decode forward (one token through
+   the model's contiguous KV cache, what ``generate`` does per step) that TPOT at concurrency 1 is set against.
 Prompts are 32-512 tokens cut at fixed-seed offsets from held-out text (the validation split of
 data_cache/default if `make demo` prepared it, else the last embedded book); outputs are 32-256 tokens, forced with
 ``ignore_eos``, greedy. ``--soak`` adds a long mixed run (streaming or not, 10% cancelled mid-stream, 5% malformed)
@@ -351,24 +352,32 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
         "weights": weights,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    # over the very requests the server gets at concurrency 1 (their context lengths set the attention cost)
-    rows["bare_decode_ms"] = bare_decode_ms(model, reqs[: load_size(args, 1)], dtype)
     rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
     rows["breakdown"] = breakdown(model, tokenizer, base, precision)
     emit(args, {k: v for k, v in rows.items() if k != "breakdown"})
-    del model
     extra = ["--max-num-seqs", "64", "--max-queue", "100000"]
     if case != "demo-moe":
         extra += ["--kv-cache-memory", "1GiB"]
     server = Server(ckpt, precision, args.threads, extra)
+    # The bare forward over the very requests the server gets at concurrency 1 (their context lengths set the
+    # attention cost), measured right before and right after that load while the server idles: this VM's speed
+    # drifts by up to ~25% over minutes, so a ratio to one measurement made earlier says more about the drift.
+    c1_requests = reqs[: load_size(args, 1)]
     try:
         rows["runs"] = []
         for c in (1, 4) if args.quick else (1, 4, 16, 64):
             n = load_size(args, c)
             load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
+            if c == 1:
+                rows["bare_decode_ms"] = bare_decode_ms(model, c1_requests, dtype)
             results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
             rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
             emit(args, {"case": case, "precision": precision, **rows["runs"][-1]})
+            if c == 1:
+                rows["bare_decode_ms_after"] = bare_decode_ms(model, c1_requests, dtype)
+                bare = {k: rows[k] for k in ("bare_decode_ms", "bare_decode_ms_after")}
+                emit(args, {"case": case, "precision": precision, **bare})
+        del model
         c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
         for factor in () if args.quick else (0.5, 1.0):
             rate = factor * c16["request_throughput"]

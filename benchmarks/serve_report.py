@@ -132,13 +132,19 @@ def _targets(case: dict) -> list[str]:
         elif c16:
             lines.append(f"| {b['system']} ({b['requests']} requests) | {b['output_throughput']:.0f} | "
                          f"{c16['output_throughput'] / b['output_throughput']:.2f} |")  # fmt: skip
-    bare = case["bare_decode_ms"]
+    bare, after = case["bare_decode_ms"], case.get("bare_decode_ms_after")
     if c1 and c1["tpot_ms"]["p50"] and bare["p50"]:
-        ratio = c1["tpot_ms"]["p50"] / bare["p50"]
+        tpot = c1["tpot_ms"]["p50"]
+        if after and after.get("p50"):  # measured right before and right after the concurrency-1 load
+            mean = (bare["p50"] + after["p50"]) / 2
+            against = (f"{mean:.2f} ms, the mean of the bare decode forward's p50 right before ({bare['p50']:.2f}) "
+                       f"and right after ({after['p50']:.2f}) that load")  # fmt: skip
+        else:
+            mean, against = bare["p50"], f"{bare['p50']:.2f} ms for the bare decode forward"
         lines += [
             "",
-            f"TPOT p50 at concurrency 1: {c1['tpot_ms']['p50']:.2f} ms against {bare['p50']:.2f} ms for the bare "
-            f"decode forward (p50 over the same requests' decode steps): {ratio:.2f}x (target <= 1.2x).",
+            f"TPOT p50 at concurrency 1: {tpot:.2f} ms against {against} (p50 over the same requests' decode "
+            f"steps): {tpot / mean:.2f}x (target <= 1.2x).",
         ]
     return lines
 
