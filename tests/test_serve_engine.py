@@ -343,6 +343,22 @@ def test_block_pool_prefix_cache_and_eviction_order() -> None:
     assert BlockPool(2, prefix_caching=False).lookup([h0]) == []
 
 
+def test_block_pool_without_runs_takes_blocks_in_eviction_order() -> None:
+    """``keep_runs=False`` (the engine with the paged kernel): no claims, the block after a sequence's last one is
+    not preferred, and cached blocks go out least recently freed first, whatever their place in the pool."""
+    pool = BlockPool(6, keep_runs=False)
+    a, b = pool.allocate(2), pool.allocate(2)
+    assert (a, b) == ([0, 1], [2, 3]) and not pool.claims
+    hashes = [block_hash(b"", [i]) for i in range(4)]
+    for block, h in zip(a + b, hashes, strict=True):
+        pool.commit(block, h)
+    pool.release(b)  # freed first: evicted first (its tail before its head)
+    pool.release(a)
+    assert pool.allocate(2, after=5, room=10) == [4, 5]  # uncached blocks first
+    assert pool.allocate(3, after=1, room=10) == [3, 2, 1] and not pool.claims
+    assert hashes[0] in pool.cached and hashes[1] not in pool.cached
+
+
 def test_block_pool_claims_keep_each_growing_sequence_in_one_run() -> None:
     pool = BlockPool(32)
     a = pool.allocate(2, room=8)

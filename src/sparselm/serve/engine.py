@@ -152,7 +152,7 @@ class Engine:
         self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
-        self.pool = BlockPool(num_blocks, config.prefix_caching)
+        self.pool = BlockPool(num_blocks, config.prefix_caching, keep_runs=not self.paged_kernel)
         self.kv = PagedKVCache(
             cfg.n_layers, num_blocks, bs, cfg.n_heads, cfg.d_model // cfg.n_heads, self.kv_dtype, device
         )

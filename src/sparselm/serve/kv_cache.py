@@ -41,13 +41,16 @@ class BlockPool:
     A claim is the run of blocks a sequence is expected to grow into: where a sequence starts (or restarts, when
     the block after its last one is taken), the pool picks a run of free blocks that no other claim covers and is
     long enough for the blocks it asks ``room`` for, and the sequence then grows block by block into that run. Its
-    blocks stay one run of the pool, which attention reads in place instead of gathering. Placement does not
-    follow the prefix cache's eviction order: a run may hold cached blocks freed more recently than others.
+    blocks stay one run of the pool, which SDPA reads in place instead of gathering. Placement does not follow the
+    prefix cache's eviction order: a run may hold cached blocks freed more recently than others. ``keep_runs``
+    False (for a reader that follows block tables, like the paged decode kernel, to which runs are worth nothing):
+    no claims, every block is taken in eviction order, and the prefix cache keeps its least-recently-used order.
     """
 
-    def __init__(self, num_blocks: int, prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, prefix_caching: bool = True, keep_runs: bool = True) -> None:
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
+        self.keep_runs = keep_runs
         self.refs = [0] * num_blocks
         self.hashes: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
@@ -64,13 +67,16 @@ class BlockPool:
         return self.num_blocks - len(self.free)
 
     def allocate(self, count: int, after: int | None = None, room: int = 0) -> list[int] | None:
-        """``count`` blocks with reference count 1, or None (nothing taken) when fewer are free. Each block is the one
-        after the previous (the first: after ``after``) when that one is free and no other sequence's claim covers
-        it; otherwise the rest start a new claim of up to ``max(room, count)`` blocks (see the class docstring), and
-        where no free run is long enough for all of them, the blocks are taken in eviction order: free blocks
-        without a hash first, then cached ones in the order they were freed (least recently used first)."""
+        """``count`` blocks with reference count 1, or None (nothing taken) when fewer are free. Without
+        ``keep_runs`` they come in eviction order (below). Otherwise each block is the one after the previous (the
+        first: after ``after``) when that one is free and no other sequence's claim covers it; otherwise the rest
+        start a new claim of up to ``max(room, count)`` blocks (see the class docstring), and where no free run is
+        long enough for all of them, the blocks are taken in eviction order: free blocks without a hash first, then
+        cached ones in the order they were freed (least recently used first)."""
         if count > len(self.free):
             return None
+        if not self.keep_runs:
+            return [self._take(next(iter(self.free))) for _ in range(count)]
         blocks: list[int] = []
         while len(blocks) < count:
             nxt = after + 1 if after is not None else -1
@@ -282,17 +288,16 @@ class StepCache:
             tables = torch.tensor([b + [0] * (width - len(b)) for b in used], dtype=torch.long, device=device)
             lengths = torch.tensor([c.start + 1 for c in decode], dtype=torch.long, device=device)
             self._groups.append(_PagedDecodes(len(decode), tables, lengths))
-            decode_rows = []
         else:
-            decode_rows = list(enumerate(decode))
-        for row, c in decode_rows:
-            blocks = c.blocks[: c.start // bs + 1]
-            first = blocks[0]
-            if blocks[-1] - first == len(blocks) - 1 and blocks == list(range(first, first + len(blocks))):
-                self._groups.append(_OneDecode(row, c.start, c.start + 1, device, first_block=first))
-            else:
-                self._groups.append(_OneDecode(row, c.start, c.start + 1, device, offset=len(gathered_blocks) * bs))
-                gathered_blocks.extend(blocks)
+            for row, c in enumerate(decode):
+                blocks = c.blocks[: c.start // bs + 1]
+                first = blocks[0]
+                if blocks == list(range(first, first + len(blocks))):
+                    self._groups.append(_OneDecode(row, c.start, c.start + 1, device, first_block=first))
+                else:
+                    offset = len(gathered_blocks) * bs
+                    self._groups.append(_OneDecode(row, c.start, c.start + 1, device, offset=offset))
+                    gathered_blocks.extend(blocks)
         # one gather per layer for every decoding sequence whose blocks are not one run
         self._gather_rows = self._rows(torch.tensor([gathered_blocks], device=device))[0] if gathered_blocks else None
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
