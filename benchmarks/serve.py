@@ -7,9 +7,10 @@ For each model (the demo MoE of configs/default.toml with its context raised to 
    ``sparselm.interop.to_transformers`` builds from the same weights (when that function exists), and a breakdown
    of the engine's decode step by component at 1 and 16 sequences;
 2. ``sparselm serve`` in a subprocess on a loopback port, driven by serve_load.py at fixed concurrency 1, 4, 16,
-   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16. Right before and right
-   after the concurrency-1 load (the server idle), this process times the bare decode forward (one token through
-   the model's contiguous KV cache, what ``generate`` does per step) that TPOT at concurrency 1 is set against.
+   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16. The concurrency-1 load
+   alternates with this process timing the bare decode forward (one token through the model's contiguous KV cache,
+   what ``generate`` does per step) over the same request, the server idle meanwhile: TPOT at concurrency 1 is set
+   against that forward measured in the same seconds.
 Prompts are 32-512 tokens cut at fixed-seed offsets from held-out text (the validation split of
 data_cache/default if `make demo` prepared it, else the last embedded book); outputs are 32-256 tokens, forced with
 ``ignore_eos``, greedy. ``--soak`` adds a long mixed run (streaming or not, 10% cancelled mid-stream, 5% malformed)
@@ -114,9 +115,13 @@ def save(model, cfg, tokenizer, directory: Path) -> Path:
     return directory
 
 
-@torch.inference_mode()
 def bare_decode_ms(model, requests: list[Request], dtype) -> dict:
     """Per-token time of the model's forward alone (one token, contiguous KV cache) over these requests' decodes."""
+    return percentiles(bare_decode_seconds(model, requests, dtype))
+
+
+@torch.inference_mode()
+def bare_decode_seconds(model, requests: list[Request], dtype) -> list[float]:
     times = []
     for r in requests:
         cache = model.new_cache(1, len(r.prompt) + r.max_tokens, dtype=kv_cache_dtype(dtype, torch.device("cpu")))
@@ -126,7 +131,20 @@ def bare_decode_ms(model, requests: list[Request], dtype) -> dict:
             start = time.perf_counter()
             logits = model(token, cache=cache, last_only=True).logits
             times.append(time.perf_counter() - start)
-    return percentiles(times)
+    return times
+
+
+def concurrency_one_paired(server, model, requests: list[Request], dtype) -> tuple[dict, dict]:
+    """Each request through the idle server, then its decode through the bare forward in this process, in turn: this
+    VM's speed drifts by up to ~25% over minutes, so the server's TPOT and the forward it is set against are
+    measured in the same seconds. -> (the load's summary, the bare forward's percentiles over all these decodes)."""
+    results, seconds, bare = [], 0.0, []
+    for request in requests:
+        done, took = asyncio.run(run_load(server.base, [request], "bench", concurrency=1))
+        results += done
+        seconds += took
+        bare += bare_decode_seconds(model, [request], dtype)
+    return summarize(results, seconds), percentiles(bare)
 
 
 def one_at_a_time(model, requests: list[Request]) -> dict:
@@ -359,24 +377,18 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
     if case != "demo-moe":
         extra += ["--kv-cache-memory", "1GiB"]
     server = Server(ckpt, precision, args.threads, extra)
-    # The bare forward over the very requests the server gets at concurrency 1 (their context lengths set the
-    # attention cost), measured right before and right after that load while the server idles: this VM's speed
-    # drifts by up to ~25% over minutes, so a ratio to one measurement made earlier says more about the drift.
-    c1_requests = reqs[: load_size(args, 1)]
     try:
         rows["runs"] = []
         for c in (1, 4) if args.quick else (1, 4, 16, 64):
             n = load_size(args, c)
             load = reqs[:n] if n <= len(reqs) else make_requests(ids, n, seed=1, eod=tokenizer.eod_id)
             if c == 1:
-                rows["bare_decode_ms"] = bare_decode_ms(model, c1_requests, dtype)
-            results, seconds = asyncio.run(run_load(server.base, load, "bench", concurrency=c))
-            rows["runs"].append({"load": f"concurrency {c}", **summarize(results, seconds)})
+                summary, rows["bare_decode_ms"] = concurrency_one_paired(server, model, load, dtype)
+                emit(args, {"case": case, "precision": precision, "bare_decode_ms": rows["bare_decode_ms"]})
+            else:
+                summary = summarize(*asyncio.run(run_load(server.base, load, "bench", concurrency=c)))
+            rows["runs"].append({"load": f"concurrency {c}", **summary})
             emit(args, {"case": case, "precision": precision, **rows["runs"][-1]})
-            if c == 1:
-                rows["bare_decode_ms_after"] = bare_decode_ms(model, c1_requests, dtype)
-                bare = {k: rows[k] for k in ("bare_decode_ms", "bare_decode_ms_after")}
-                emit(args, {"case": case, "precision": precision, **bare})
         del model
         c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
         for factor in () if args.quick else (0.5, 1.0):

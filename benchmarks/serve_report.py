@@ -135,12 +135,13 @@ def _targets(case: dict) -> list[str]:
     bare, after = case["bare_decode_ms"], case.get("bare_decode_ms_after")
     if c1 and c1["tpot_ms"]["p50"] and bare["p50"]:
         tpot = c1["tpot_ms"]["p50"]
-        if after and after.get("p50"):  # measured right before and right after the concurrency-1 load
+        if after and after.get("p50"):  # reports made before the pairing: right before and right after that load
             mean = (bare["p50"] + after["p50"]) / 2
             against = (f"{mean:.2f} ms, the mean of the bare decode forward's p50 right before ({bare['p50']:.2f}) "
                        f"and right after ({after['p50']:.2f}) that load")  # fmt: skip
         else:
-            mean, against = bare["p50"], f"{bare['p50']:.2f} ms for the bare decode forward"
+            mean = bare["p50"]
+            against = f"{mean:.2f} ms for the bare decode forward, timed in turn with each request of that load"
         lines += [
             "",
             f"TPOT p50 at concurrency 1: {tpot:.2f} ms against {against} (p50 over the same requests' decode "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparselm.model.layers import RMSNorm, apply_rope, sinusoid_table
+from sparselm.model.layers import Linear, RMSNorm, apply_rope, sinusoid_table
 
 
 def causal_slots(past: int, new: int, k_valid: torch.Tensor) -> torch.Tensor:
@@ -135,15 +135,15 @@ class Attention(nn.Module):
         self.head_dim = d_model // n_heads
         self.position = position
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = Linear(d_model, d_model, bias=bias)
+        self.k_proj = Linear(d_model, d_model, bias=bias)
+        self.v_proj = Linear(d_model, d_model, bias=bias)
+        self.o_proj = Linear(d_model, d_model, bias=bias)
         # QK-norm (Qwen3, OLMoE): RMSNorm over each head's query and key, one weight vector shared by all heads.
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         if position == "xl":
-            self.w_rel = nn.Linear(d_model, d_model, bias=False)
+            self.w_rel = Linear(d_model, d_model, bias=False)
             self.u = nn.Parameter(torch.zeros(n_heads, self.head_dim))
             self.v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
 

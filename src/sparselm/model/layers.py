@@ -1,10 +1,21 @@
-"""Small building blocks shared by the transformer and the MoE layer: norms, the dense FFN, rotary embeddings."""
+"""Small building blocks shared by the transformer and the MoE layer: linear layers, norms, the dense FFN, rotary
+embeddings."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparselm.ops import linear
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose product goes through :func:`sparselm.ops.linear`: a
+    kernel that reads the weight once when decoding a row or two without autograd, ``F.linear`` everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -37,9 +48,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", bias: bool = False) -> None:
         super().__init__()
         self.kind = kind
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.gate = nn.Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.gate = Linear(d_model, d_ff, bias=bias) if kind == "swiglu" else None
+        self.down = Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:

@@ -2,7 +2,7 @@
 
 Expert weights are 3-D parameters ``[num_experts, d_in, d_out]`` so that FSDP and expert parallelism can shard
 dim 0. There is never a Python loop over tokens. The kernels are ops in :mod:`sparselm.ops`; three expert kernels
-compute the same thing (``Experts.impl``):
+compute the same thing (``Experts.impl``), and a fourth serves decoding:
 
 - ``"loop"`` (the default on CPU): :class:`sparselm.ops.ExpertLoop`, a custom autograd Function that walks the
   experts, casting one expert's weights at a time, writing the weight gradients in place and folding the gates in.
@@ -12,6 +12,9 @@ compute the same thing (``Experts.impl``):
   busiest expert. On CPU "auto" picks it without gradients (serving, generation) when the weights are already in
   the compute dtype and the padding is small (``sparselm.ops.prefer_padded``): decoding steps, where the loop
   pays per expert for a few rows each.
+- ``"rows"``: :func:`sparselm.ops.row_experts`, C++ kernels that read each busy expert's weights once for up to 4
+  rows. "auto" picks it before "padded" under the same conditions while no expert has more than
+  ``sparselm.ops.row_matmul.EXPERT_MAX_ROWS`` rows (one or a few decoding sequences) and the kernels are built.
 
 Two modes:
 - dropless (default): every token reaches its top-k experts, however unbalanced the routing.
@@ -40,7 +43,10 @@ from sparselm.ops import (
     padded_experts,
     permute,
     prefer_padded,
+    row_experts,
+    use_rows,
 )
+from sparselm.ops.row_matmul import EXPERT_MAX_ROWS
 
 
 @dataclass
@@ -63,8 +69,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class Experts(nn.Module):
     """E independent FFNs stored as 3-D weights. SwiGLU: gate/up [E, d_model, d_ff], down [E, d_ff, d_model].
 
-    ``impl`` picks the kernel: "auto" (on CPU the loop, or the padded kernel for inference with few rows per expert;
-    grouped_mm elsewhere), "loop", "grouped_mm" or "padded"; all agree.
+    ``impl`` picks the kernel: "auto" (on CPU the loop, or for inference the rows or padded kernel when experts hold
+    few rows; grouped_mm elsewhere), "loop", "grouped_mm", "padded" or "rows"; all agree.
     ``loop`` is the loop kernel with its settings (default: the process's, from the environment).
     """
 
@@ -87,24 +93,36 @@ class Experts(nn.Module):
         self.b_up = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
 
+    def kernel_for(self, x: torch.Tensor, counts: torch.Tensor) -> str:
+        """The kernel ``impl`` means for these rows (``x`` in the compute dtype, ``counts`` [E] rows per expert)."""
+        if self.impl != "auto":
+            return self.impl
+        if x.device.type != "cpu":
+            return "grouped_mm"
+        rows = counts.tolist()
+        if torch.is_grad_enabled() or self.w_up.dtype != x.dtype:
+            return "loop"
+        if use_rows(x, self.w_up, max(rows, default=0), EXPERT_MAX_ROWS):
+            return "rows"
+        return "padded" if prefer_padded(rows, x.dtype) else "loop"
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """``x`` [M, d_model] sorted by expert, ``counts`` [E] rows per expert, ``gates`` [M] scaling each row's
         output (None: unscaled) -> [M, d_model] in the compute dtype (the autocast dtype if autocast is on)."""
         x = x.to(compute_dtype(x))
         weights = (self.w_up, self.w_gate, self.w_down, self.b_up, self.b_down)
-        impl = self.impl
-        if impl == "auto" and x.device.type != "cpu":
-            impl = "grouped_mm"
-        elif impl == "auto":
-            inference = not torch.is_grad_enabled() and self.w_up.dtype == x.dtype
-            impl = "padded" if inference and prefer_padded(counts.tolist(), x.dtype) else "loop"
+        impl = self.kernel_for(x, counts)
+        if impl == "rows":
+            return row_experts(x, gates, counts, *weights)
         if impl == "loop":
             return self.loop(x, gates, counts, *weights)
         if impl == "grouped_mm":
             return grouped_experts(x, gates, counts, *weights)
         if impl == "padded":
             return padded_experts(x, gates, counts, *weights)
-        raise ValueError(f"unknown experts impl {self.impl!r}: expected 'auto', 'loop', 'grouped_mm' or 'padded'")
+        raise ValueError(
+            f"unknown experts impl {self.impl!r}: expected 'auto', 'loop', 'grouped_mm', 'padded' or 'rows'"
+        )
 
 
 class MoE(nn.Module):

@@ -11,17 +11,16 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparselm.config import ModelConfig, MoEConfig, RetroConfig
 from sparselm.errors import InputError
 from sparselm.model.attention import AttentionCache, KVCache, causal_slots
 from sparselm.model.block import Block
-from sparselm.model.layers import make_norm, rope_cos_sin
+from sparselm.model.layers import Linear, make_norm, rope_cos_sin
 from sparselm.model.moe import MoE, MoEStats
 from sparselm.model.retro import Retrieval, add_retrieval
-from sparselm.ops import linear_cross_entropy
+from sparselm.ops import linear, linear_cross_entropy
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Transformer(nn.Module):
         moe_layers = set(moe.layer_indices(cfg.n_layers))
         self.layers = nn.ModuleList(Block(cfg, moe, i in moe_layers) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.retro_encoder: nn.Module | None = None
         if retro is not None and retro.enabled:
@@ -151,7 +150,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         logits, loss = None, None
         if targets is None:
-            logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight)
+            logits = self.lm_head(x) if self.lm_head is not None else linear(x, self.tok_emb.weight)
         else:
             # = F.cross_entropy(F.linear(x, head).float(), targets), in chunks of rows (no [tokens, vocab] tensors);
             # it reads the head's weight directly, so module hooks on lm_head see only the no-targets path.

@@ -9,6 +9,8 @@
 - ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``);
 - ``padded_experts`` / ``prefer_padded``: the same FFN as batched matmuls over rows padded per expert, for inference
   with few rows per expert, and the rule for when it pays (``padded_experts.py``);
+- ``linear`` / ``row_experts``: a linear layer and the expert FFN for a few rows (decoding) through C++ kernels
+  that read each weight once, ``F.linear`` / the other kernels otherwise (``row_matmul.py``);
 - ``linear_cross_entropy``: the output layer and the cross-entropy in row chunks, without the full fp32 logits
   (``linear_cross_entropy.py``).
 
@@ -23,6 +25,7 @@ from sparselm.ops.grouped_mm import grouped_experts, grouped_matmul
 from sparselm.ops.linear_cross_entropy import linear_cross_entropy
 from sparselm.ops.padded_experts import padded_experts, prefer_padded
 from sparselm.ops.permute import Permutation, permute
+from sparselm.ops.row_matmul import linear, row_experts, use_rows
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads, split_experts
 
@@ -37,9 +40,12 @@ __all__ = [
     "dispatch",
     "grouped_experts",
     "grouped_matmul",
+    "linear",
     "linear_cross_entropy",
     "padded_experts",
     "permute",
     "prefer_padded",
+    "row_experts",
     "split_experts",
+    "use_rows",
 ]

@@ -8,58 +8,28 @@ table, in bf16 or fp32, converts them to fp32 in registers and computes scores, 
 fp32, all sequences and heads in one call spread over torch's intra-op threads: memory-bound, each key read once
 (docs/benchmarks.md, "Decode attention kernel", has the measurements).
 
-The kernel is compiled on first use with torch's C++ extension builder (a C++ compiler and ninja; ~10 s, then
-cached). Where it cannot be built, ``kernel_available`` says why and callers keep PyTorch's attention.
+The kernel is compiled on first use (:mod:`sparselm.ops.extension`). Where it cannot be built,
+``unavailable_reason`` says why and callers keep PyTorch's attention.
 ``SPARSELM_PAGED_ATTENTION=off`` turns it off (to compare).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import platform
-import shutil
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sparselm.ops.extension import build
+
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
-
-
-def _build_flags() -> tuple[str, list[str]]:
-    """(name suffix, compiler flags): AVX2 code on x86 CPUs that have it, portable code elsewhere. The suffix keeps
-    builds for different flags apart in torch's extension cache (the same home directory may see other CPUs)."""
-    flags = ["-O3", "-fopenmp"]  # OpenMP: at::parallel_for runs serially in an extension built without it
-    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return "avx2", [*flags, "-mavx2", "-mfma"]
-    return "generic", flags
 
 
 @functools.cache
 def _load() -> str | None:
     """Build and load the kernel once per process; None if loaded, else why it could not be."""
-    if os.environ.get("SPARSELM_PAGED_ATTENTION", "").lower() in ("0", "off", "false", "no"):
-        return "turned off by SPARSELM_PAGED_ATTENTION"
-    try:
-        from torch.utils import cpp_extension
-
-        venv_bin = str(Path(sys.executable).parent)  # the `ninja` package's binary, in a venv not on PATH
-        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-        suffix, flags = _build_flags()
-        cpp_extension.load(
-            name=f"sparselm_paged_attention_{suffix}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no ninja, an unsupported platform: all mean "use PyTorch's attention"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"the C++ kernel could not be built ({first_line})"
-    return None
+    return build("sparselm_paged_attention", SOURCE, "SPARSELM_PAGED_ATTENTION")
 
 
 def kernel_available() -> bool:

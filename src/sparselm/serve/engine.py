@@ -30,7 +30,7 @@ from sparselm.errors import InputError
 from sparselm.model.generate import check_prompt
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
-from sparselm.ops import paged_attention
+from sparselm.ops import paged_attention, row_matmul
 from sparselm.precision import kv_cache_dtype, resolve_precision
 from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
 from sparselm.serve.params import EngineConfig, SamplingParams
@@ -149,6 +149,9 @@ class Engine:
         refusal = paged_kernel_refusal(cfg, device)
         self.paged_kernel = refusal is None
         self.decode_attention = "sparselm paged kernel" if refusal is None else f"PyTorch SDPA per sequence ({refusal})"
+        # Built here, not in the first request's step (~10 s the first time on a machine).
+        few_rows = row_matmul.unavailable_reason() if device.type == "cpu" else f"CPU-only (device {device.type})"
+        self.decode_matmuls = "sparselm few-row kernels" if few_rows is None else f"PyTorch ({few_rows})"
         self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size

@@ -55,6 +55,7 @@ class EngineInfo:
     pid: int
     snapshot: EngineSnapshot
     decode_attention: str = ""  # what decoding sequences attend through, and why
+    decode_matmuls: str = ""  # what a step's few-row matmuls go through, and why
 
 
 class EngineProcess:
@@ -217,7 +218,7 @@ def run_engine(conn, ckpt: str, config: EngineConfig, threads: int, log_level: i
     info = EngineInfo(
         engine.precision, str(engine.kv_dtype).removeprefix("torch."), cfg.vocab_size, cfg.max_seq_len,
         engine.pool.num_blocks, config.block_size, engine.kv_bytes, os.getpid(), engine.snapshot(),
-        engine.decode_attention,
+        engine.decode_attention, engine.decode_matmuls,
     )  # fmt: skip
     conn.send(("ready", info))
     try:
