@@ -28,8 +28,8 @@ from serve import CASES, REPO, machine
 from sparselm.config import apply_overrides, load_config
 from sparselm.model.moe import Experts
 from sparselm.model.transformer import Transformer
-from sparselm.ops import default_expert_loop, padded_experts, row_experts, row_matmul, use_rows
-from sparselm.ops.row_matmul import linear_rows
+from sparselm.ops import default_expert_loop, padded_experts, row_experts, row_matmul
+from sparselm.ops.row_matmul import linear_rows, use_rows
 
 LINEAR_SHAPES = [(256, 256), (256, 768), (256, 8192), (512, 512), (512, 1408), (512, 8192)]  # (in, out)
 EXPERT_SHAPES = [(8, 256, 384), (16, 512, 704)]  # (experts, d_model, d_ff per expert): demo, d512

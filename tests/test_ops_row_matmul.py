@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparselm.ops import linear, paged_attention, row_matmul, use_rows
-from sparselm.ops.row_matmul import EXPERT_MAX_ROWS, expert_rows, linear_rows, row_experts
+from sparselm.ops import linear, paged_attention, prefer_rows, row_matmul
+from sparselm.ops.row_matmul import applies, expert_rows, linear_rows, row_experts, use_rows
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernels"
@@ -68,7 +68,8 @@ def test_row_experts_equals_the_loop_kernel(kind: str, bias: bool) -> None:
     with torch.no_grad():
         experts.impl = "loop"
         ref = experts(x, counts, gates)
-        experts.impl = "auto"  # no grad, fp32 weights, busiest expert 4 rows: the rows kernel
+        experts.impl = "auto"  # no grad, fp32 weights, 5 weight reads for 8 experts: the rows kernel
+        assert experts.kernel_for(x, counts) == "rows"
         torch.testing.assert_close(experts(x, counts, gates), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(row_experts(x, gates, counts, *weights), ref, rtol=1e-5, atol=1e-5)
 
@@ -98,14 +99,22 @@ def test_only_inference_with_few_rows_takes_the_kernel() -> None:
     with torch.no_grad():
         assert use_rows(one, w, 1) and use_rows(one, w, 2)
         assert not use_rows(many, w, 3)  # more rows than LINEAR_MAX_ROWS: F.linear
-        assert use_rows(many, w, 3, max_rows=EXPERT_MAX_ROWS)
+        assert applies(many, w)
         assert not use_rows(one.bfloat16(), w, 1)  # F.linear refuses mixed dtypes; so does the rule
         assert not use_rows(one.to(torch.float16), w.to(torch.float16), 1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not use_rows(one, w, 1)  # autocast decides the dtype: leave it to F.linear
+        assert not applies(one.bfloat16(), w)
         y = linear(one.view(1, 1, 8), w, bias=torch.ones(16))
         torch.testing.assert_close(y, F.linear(one.view(1, 1, 8), w, torch.ones(16)), rtol=1e-5, atol=1e-5)
         assert y.shape == (1, 1, 16)
+
+
+def test_the_experts_take_the_rows_kernel_while_it_reads_less_than_the_padded_one() -> None:
+    assert prefer_rows([1, 0, 0, 1]) and prefer_rows([4, 4, 4, 4]) and prefer_rows([5, 0, 0, 0])  # 1, 4, 2 reads
+    assert prefer_rows([2] * 16) and prefer_rows([5, 5, 5, 5, 0, 0, 0, 0])  # 16 reads for 16 experts, 8 for 8
+    assert not prefer_rows([6] * 8)  # 16 reads for 8 experts: the padded kernel reads 8
+    assert not prefer_rows([500, 0, 0, 0]) and not prefer_rows([0, 0])  # a prompt on one expert; no rows at all
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

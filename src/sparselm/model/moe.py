@@ -12,9 +12,9 @@ compute the same thing (``Experts.impl``), and a fourth serves decoding:
   busiest expert. On CPU "auto" picks it without gradients (serving, generation) when the weights are already in
   the compute dtype and the padding is small (``sparselm.ops.prefer_padded``): decoding steps, where the loop
   pays per expert for a few rows each.
-- ``"rows"``: :func:`sparselm.ops.row_experts`, C++ kernels that read each busy expert's weights once for up to 4
-  rows. "auto" picks it before "padded" under the same conditions while no expert has more than
-  ``sparselm.ops.row_matmul.EXPERT_MAX_ROWS`` rows (one or a few decoding sequences) and the kernels are built.
+- ``"rows"``: :func:`sparselm.ops.row_experts`, C++ kernels that read each busy expert's weights once per 4 of its
+  rows and skip idle experts. "auto" picks it before "padded" under the same conditions when it reads less than
+  the padded kernel would (``sparselm.ops.prefer_rows``: decoding steps) and the kernels are built.
 
 Two modes:
 - dropless (default): every token reaches its top-k experts, however unbalanced the routing.
@@ -43,10 +43,10 @@ from sparselm.ops import (
     padded_experts,
     permute,
     prefer_padded,
+    prefer_rows,
     row_experts,
-    use_rows,
 )
-from sparselm.ops.row_matmul import EXPERT_MAX_ROWS
+from sparselm.ops.row_matmul import applies
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Experts(nn.Module):
         rows = counts.tolist()
         if torch.is_grad_enabled() or self.w_up.dtype != x.dtype:
             return "loop"
-        if use_rows(x, self.w_up, max(rows, default=0), EXPERT_MAX_ROWS):
+        if applies(x, self.w_up) and prefer_rows(rows):
             return "rows"
         return "padded" if prefer_padded(rows, x.dtype) else "loop"
 

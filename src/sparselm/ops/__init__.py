@@ -25,7 +25,7 @@ from sparselm.ops.grouped_mm import grouped_experts, grouped_matmul
 from sparselm.ops.linear_cross_entropy import linear_cross_entropy
 from sparselm.ops.padded_experts import padded_experts, prefer_padded
 from sparselm.ops.permute import Permutation, permute
-from sparselm.ops.row_matmul import linear, row_experts, use_rows
+from sparselm.ops.row_matmul import linear, prefer_rows, row_experts
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads, split_experts
 
@@ -45,7 +45,7 @@ __all__ = [
     "padded_experts",
     "permute",
     "prefer_padded",
+    "prefer_rows",
     "row_experts",
     "split_experts",
-    "use_rows",
 ]

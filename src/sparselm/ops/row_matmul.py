@@ -9,13 +9,13 @@ to fp32 in registers and use it for up to 4 rows at once, split over torch's int
 - :func:`expert_rows`: ``x[rows of e] @ weight[e]`` for every expert ``e`` at once, over the experts' ``[E, in, out]``
   weights and the rows sorted by expert (idle experts' weights are not read);
 - :func:`row_experts`: the whole expert FFN (the arguments and result of :class:`sparselm.ops.ExpertLoop`) on them,
-  which ``model/moe.py`` takes at inference while no expert has more than ``EXPERT_MAX_ROWS`` rows.
+  which ``model/moe.py`` takes at inference when :func:`prefer_rows` says so.
 
-:func:`linear` is ``F.linear`` that takes the kernel where it pays (:func:`use_rows`: no autograd, no autocast,
-CPU, at most ``LINEAR_MAX_ROWS`` rows, equal fp32 or bf16 dtypes) and ``F.linear`` everywhere else, so training,
-evaluation and prefill never see it. Results equal PyTorch's within float rounding (fp32 sums in another order).
-Compiled on first use (:mod:`sparselm.ops.extension`); where it cannot be built, or with ``SPARSELM_ROW_MATMUL=off``,
-every call takes PyTorch's path.
+:func:`linear` is ``F.linear`` that takes the kernel where it pays (:func:`use_rows`: at most ``LINEAR_MAX_ROWS``
+rows, and :func:`applies`: no autograd, no autocast, CPU, equal fp32 or bf16 dtypes) and ``F.linear`` everywhere
+else, so training, evaluation and prefill never see it. Results equal PyTorch's within float rounding (fp32 sums in
+another order). Compiled on first use (:mod:`sparselm.ops.extension`); where it cannot be built, or with
+``SPARSELM_ROW_MATMUL=off``, every call takes PyTorch's path.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from sparselm.ops.extension import build
 
 SOURCE = Path(__file__).with_name("row_matmul.cpp")
-# Rows up to which the kernels beat PyTorch's matmuls (docs/benchmarks.md, "Few-row matmuls"): a linear layer's
-# rows in one call, and the busiest expert's rows (each expert's weights are then read once).
+# When the kernels beat PyTorch's (docs/benchmarks.md, "Few-row matmuls"): a linear layer's rows in one call up to
+# LINEAR_MAX_ROWS; the experts while the kernel's weight reads (one per busy expert and group of ROWS_PER_READ of its
+# rows) stay within EXPERT_READS_FACTOR times the number of experts (the padded kernel reads every expert once).
 LINEAR_MAX_ROWS = 2
-EXPERT_MAX_ROWS = 4
+ROWS_PER_READ = 4  # the C++ side's kRows
+EXPERT_READS_FACTOR = 1.25
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -51,13 +53,11 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def use_rows(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int = LINEAR_MAX_ROWS) -> bool:
-    """Whether ``rows`` rows of ``x`` against ``weight`` should go through the kernels: inference (no autograd, no
-    autocast), plain CPU tensors (not DTensor shards), equal fp32/bf16 dtypes, at most ``max_rows`` rows, and the
-    kernels built."""
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether products of ``x`` with ``weight`` may go through the kernels at all: inference (no autograd, no
+    autocast), plain CPU tensors (not DTensor shards), equal fp32/bf16 dtypes, and the kernels built."""
     return (
         not torch.is_grad_enabled()
-        and 0 < rows <= max_rows
         and type(x) is torch.Tensor
         and type(weight) in (torch.Tensor, torch.nn.Parameter)
         and x.device.type == "cpu"
@@ -66,6 +66,19 @@ def use_rows(x: torch.Tensor, weight: torch.Tensor, rows: int, max_rows: int = L
         and not torch.is_autocast_enabled("cpu")
         and _load() is None
     )
+
+
+def use_rows(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether a linear layer's ``rows`` rows go through :func:`linear_rows`."""
+    return 0 < rows <= LINEAR_MAX_ROWS and applies(x, weight)
+
+
+def prefer_rows(counts: list[int]) -> bool:
+    """Whether :func:`row_experts` should compute the experts for these rows per expert (where :func:`applies`):
+    its weight reads stay within ``EXPERT_READS_FACTOR`` times the experts. One to a few decoding tokens, or a step
+    of many spread over many experts, take it; a prompt's rows crowding a few experts do not."""
+    reads = sum(-(-c // ROWS_PER_READ) for c in counts)
+    return 0 < reads <= EXPERT_READS_FACTOR * len(counts)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
