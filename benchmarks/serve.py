@@ -3,11 +3,13 @@ through Hugging Face transformers' ``generate``, same prompts, same model, same 
 
 For each model (the demo MoE of configs/default.toml with its context raised to 1,024, and a d_model 512, 8-layer,
 16-expert top-2 MoE; random weights unless ``--ckpt`` gives a trained demo run):
-1. in this process: requests one at a time through ``generate``, static batches of 16 through the HF model that
-   ``sparselm.interop.to_transformers`` builds from the same weights (when that function exists), and a breakdown
-   of the engine's decode step by component at 1 and 16 sequences;
+1. in this process: a breakdown of the engine's decode step by component at 1 and 16 sequences;
 2. ``sparselm serve`` in a subprocess on a loopback port, driven by serve_load.py at fixed concurrency 1, 4, 16,
-   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16. The concurrency-1 load
+   64 and with Poisson arrivals at 0.5x and 1x the request rate reached at concurrency 16;
+3. ``--rounds`` rounds (default 3) of, in turn: 16 requests one at a time through ``generate`` and in static
+   batches of 16 through the HF model that ``sparselm.interop.to_transformers`` builds from the same weights, in
+   this process while the server idles, then 32 requests through the server at concurrency 16. The target ratios
+   are the medians of the rounds' ratios. The concurrency-1 load
    alternates with this process timing the bare decode forward (one token through the model's contiguous KV cache,
    what ``generate`` does per step) over the same request, the server idle meanwhile: TPOT at concurrency 1 is set
    against that forward measured in the same seconds.
@@ -17,7 +19,7 @@ data_cache/default if `make demo` prepared it, else the last embedded book); out
 checking that every well-formed request completes, every KV block is free at the end and RSS stays flat.
 
     python benchmarks/serve.py [--json] [--quick] [--soak] [--write-docs] [--cases demo-moe,moe-d512-l8-e16]
-        [--precisions fp32,bf16] [--report FILE]
+        [--precisions fp32,bf16] [--rounds 3] [--report FILE]
     python benchmarks/serve.py --docs-from FILE,FILE [--write-docs]     # one table from runs made one case each
 """
 
@@ -313,6 +315,7 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="a trained demo run for demo-moe (default: random weights)")
     ap.add_argument("--precisions", default="auto", help="comma-separated: auto (this CPU's rule), bf16, fp32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of baselines and concurrency 16 in turn")
     ap.add_argument("--tokenizer", default=None, help="SentencePiece model (default: data_cache/tokenizer.model)")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--report", default=None, help="also write the whole report (JSON) here")
@@ -352,7 +355,8 @@ def main() -> None:
 
 
 def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: Path) -> dict:
-    """In-process baselines, then the server under each load (and the soak), for one model at one precision."""
+    """The step breakdown in process, the server under each load, the baselines in turn with concurrency 16 (and
+    the soak), for one model at one precision."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model, cfg, weights = build(case, args.ckpt if case == "demo-moe" else None, tokenizer.vocab_size)
     ckpt = save(model, cfg, tokenizer, work / f"{case}-{precision}")
@@ -370,7 +374,6 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
         "weights": weights,
         "params": sum(p.numel() for p in model.parameters()),
     }
-    rows["baselines"] = [one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)]
     rows["breakdown"] = breakdown(model, tokenizer, base, precision)
     emit(args, {k: v for k, v in rows.items() if k != "breakdown"})
     extra = ["--max-num-seqs", "64", "--max-queue", "100000"]
@@ -389,8 +392,10 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
                 summary = summarize(*asyncio.run(run_load(server.base, load, "bench", concurrency=c)))
             rows["runs"].append({"load": f"concurrency {c}", **summary})
             emit(args, {"case": case, "precision": precision, **rows["runs"][-1]})
-        del model
         c16 = next((r for r in rows["runs"] if r["load"] == "concurrency 16"), rows["runs"][-1])
+        rows["baselines"], rows["paired"] = paired_baselines(args, server, model, cfg, base, reqs, dtype)
+        emit(args, {"case": case, "precision": precision, "paired": rows["paired"], "baselines": rows["baselines"]})
+        del model
         for factor in () if args.quick else (0.5, 1.0):
             rate = factor * c16["request_throughput"]
             results, seconds = asyncio.run(run_load(server.base, reqs[:32], "bench", rate=rate, seed=3))
@@ -408,6 +413,23 @@ def run_case(args, case: str, precision: str, tokenizer, ids: list[int], work: P
         rows["soak"]["exit_code"] = code
         emit(args, {"case": case, "precision": precision, "soak": rows["soak"]})
     return rows
+
+
+def paired_baselines(args, server, model, cfg, base, reqs, dtype) -> tuple[list[dict], list[dict]]:
+    """The two baselines and the server at concurrency 16, in turn, ``--rounds`` times (the server idle while this
+    process runs a baseline): each round's ratios compare figures measured within a minute or two of each other,
+    where one baseline measured before all the loads would carry this VM's drift into every ratio.
+    -> (each baseline's first round, as the table's rows; per round: output tokens/s of each)."""
+    c16_load = reqs[: load_size(args, 16)]
+    firsts, rounds = [], []
+    for i in range(1 if args.quick else args.rounds):
+        one, hf = one_at_a_time(model, base), hf_static_batches(model, cfg, base, dtype)
+        results, seconds = asyncio.run(run_load(server.base, c16_load, "bench", concurrency=16))
+        rounds.append({"one_at_a_time": one["output_throughput"], "hf": hf.get("output_throughput"),
+                       "concurrency_16": summarize(results, seconds)["output_throughput"]})  # fmt: skip
+        if i == 0:
+            firsts = [one, hf]
+    return firsts, rounds
 
 
 def load_size(args, concurrency: int) -> int:

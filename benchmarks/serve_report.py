@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def format_docs(report: dict) -> str:
 def _targets(case: dict) -> list[str]:
     runs = {r["load"]: r for r in case.get("runs", [])}
     c16, c1 = runs.get("concurrency 16"), runs.get("concurrency 1")
+    if "paired" in case:
+        return _paired(case["paired"], case["baselines"]) + _tpot(case, c1)
     lines = [
         "",
         "| system (same prompts) | output tok/s | sparselm serve at concurrency 16 / this |",
@@ -132,6 +135,38 @@ def _targets(case: dict) -> list[str]:
         elif c16:
             lines.append(f"| {b['system']} ({b['requests']} requests) | {b['output_throughput']:.0f} | "
                          f"{c16['output_throughput'] / b['output_throughput']:.2f} |")  # fmt: skip
+    return lines + _tpot(case, c1)
+
+
+def _paired(rounds: list[dict], baselines: list[dict]) -> list[str]:
+    """Each round's baselines and concurrency 16, measured in turn, and the median of the rounds' ratios."""
+    one, hf = baselines
+
+    def cells(key: str) -> str:
+        return ", ".join(f"{r[key]:.0f}" for r in rounds)
+
+    lines = [
+        "",
+        f"Baselines and the server at concurrency 16 in turn ({len(rounds)} round{'s' if len(rounds) > 1 else ''}; "
+        "output tok/s per round):",
+        "",
+        "| system (same prompts) | output tok/s, each round | serve c16 / this, each round | median |",
+        "|---|---|---|---:|",
+        f"| sparselm serve, concurrency 16 | {cells('concurrency_16')} | - | - |",
+    ]
+    for key, b, target in (("one_at_a_time", one, 4), ("hf", hf, 2)):
+        if "not_measured" in b:
+            lines.append(f"| {b['system']} | not measured: {b['not_measured']} | - | - |")
+            continue
+        ratios = [r["concurrency_16"] / r[key] for r in rounds]
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        median = f"{statistics.median(ratios):.2f} (target >= {target})"
+        lines.append(f"| {b['system']} ({b['requests']} requests) | {cells(key)} | {each} | {median} |")
+    return lines
+
+
+def _tpot(case: dict, c1: dict | None) -> list[str]:
+    lines = []
     bare, after = case["bare_decode_ms"], case.get("bare_decode_ms_after")
     if c1 and c1["tpot_ms"]["p50"] and bare["p50"]:
         tpot = c1["tpot_ms"]["p50"]

@@ -125,10 +125,11 @@ def test_row_matmul_benchmark_smallest_setting() -> None:
 def test_serve_benchmark_smallest_setting(tiny_tokenizer) -> None:
     args = ("--quick", "--cases", "tiny-moe", "--precisions", "fp32", "--threads", "1", "--tokenizer")
     rows = _run("serve.py", *args, str(tiny_tokenizer.path))
-    base = rows[0]
-    assert base["case"] == "tiny-moe" and base["baselines"][0]["output_throughput"] > 0
+    assert rows[0]["case"] == "tiny-moe"
     [bare] = [r for r in rows if "bare_decode_ms" in r]  # in turn with the concurrency-1 load's requests
     assert bare["bare_decode_ms"]["p50"] > 0
+    [paired] = [r["paired"] for r in rows if "paired" in r]  # one round of the baselines and c16 in turn
+    assert len(paired) == 1 and paired[0]["one_at_a_time"] > 0 and paired[0]["concurrency_16"] > 0
     runs = [r for r in rows if "load" in r]
     assert [r["load"] for r in runs] == ["concurrency 1", "concurrency 4"]
     assert all(r["completed"] == 4 and r["failed"] == 0 and r["output_throughput"] > 0 for r in runs)
