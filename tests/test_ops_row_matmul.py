@@ -207,3 +207,22 @@ def test_where_the_kernels_cannot_be_built_pytorch_computes(monkeypatch) -> None
         row_matmul._load.cache_clear()
     assert row_matmul.kernel_available()
     assert _engine_matmuls() == "sparselm few-row kernels"
+
+
+def test_a_first_build_says_it_is_compiling(monkeypatch, capsys) -> None:
+    """A load that takes longer than NOTICE_AFTER_S is a compile: one line on stderr; a quick (cached) load says
+    nothing."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    from sparselm.ops import extension
+
+    monkeypatch.setattr(extension, "NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: time.sleep(0.5))
+    assert extension.build("sparselm_test_op", row_matmul.SOURCE, "SPARSELM_TEST_OP") is None
+    assert "sparselm: compiling the C++ op sparselm_test_op_" in capsys.readouterr().err
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)
+    assert extension.build("sparselm_test_op", row_matmul.SOURCE, "SPARSELM_TEST_OP") is None
+    time.sleep(0.1)
+    assert capsys.readouterr().err == ""

@@ -1,9 +1,9 @@
 """Compiling an op's C++ source on first use, with torch's extension builder, or saying why it could not be.
 
 Each C++ op (``paged_attention.cpp``, ``row_matmul.cpp``) is built once per process by :func:`build` (a C++
-compiler and ninja; ~10 s the first time, then cached by torch under ``~/.cache/torch_extensions``). Where it cannot
-be built, or its environment switch turns it off, the op's Python side keeps PyTorch's own ops and reports the
-reason.
+compiler and ninja; ~10 s the first time, announced on stderr, then cached by torch under
+``~/.cache/torch_extensions``). Where it cannot be built, or its environment switch turns it off, the op's Python
+side keeps PyTorch's own ops and reports the reason.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import os
 import platform
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
 OFF = ("0", "off", "false", "no")
+NOTICE_AFTER_S = 2.0  # a load still running after this long is compiling: say so, once, on stderr
 
 
 def build_flags() -> tuple[str, list[str]]:
@@ -40,10 +42,22 @@ def build(name: str, source: Path, switch: str) -> str | None:
         if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         suffix, flags = build_flags()
-        cpp_extension.load(
-            name=f"{name}_{suffix}", sources=[str(source)], extra_cflags=flags, is_python_module=False, verbose=False
-        )
+        notice = threading.Timer(NOTICE_AFTER_S, _compiling_notice, (f"{name}_{suffix}",))
+        notice.daemon = True
+        notice.start()
+        try:
+            cpp_extension.load(
+                name=f"{name}_{suffix}", sources=[str(source)], extra_cflags=flags, is_python_module=False,
+                verbose=False,
+            )  # fmt: skip
+        finally:
+            notice.cancel()
     except Exception as exc:  # no compiler, no ninja, an unsupported platform: all mean "use PyTorch's ops"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"the C++ kernel could not be built ({first_line})"
     return None
+
+
+def _compiling_notice(name: str) -> None:
+    print(f"sparselm: compiling the C++ op {name} (first use on this machine, ~10 s; cached afterwards)",
+          file=sys.stderr, flush=True)  # fmt: skip
