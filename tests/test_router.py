@@ -137,6 +137,20 @@ def test_z_loss_is_mean_squared_logsumexp() -> None:
     torch.testing.assert_close(router_z_loss(torch.zeros(5, 8)), torch.tensor(math.log(8) ** 2))
 
 
+def test_inference_mode_skips_the_losses_and_nothing_else() -> None:
+    """Generation and serving run under torch.inference_mode, where nothing trains on the losses: they are 0 there,
+    and the routing is the same as under no_grad (where they are computed, e.g. for a validation pass)."""
+    router = identity_router(2)
+    with torch.no_grad():
+        plain = router(torch.tensor(LOGITS))
+    with torch.inference_mode():
+        fast = router(torch.tensor(LOGITS))
+    assert plain.aux_loss > 0 and plain.z_loss > 0
+    assert fast.aux_loss == 0 and fast.z_loss == 0
+    for name in ("weights", "experts", "probs", "tokens_per_expert"):
+        assert torch.equal(getattr(fast, name), getattr(plain, name))
+
+
 def test_router_runs_in_fp32_under_bf16_autocast() -> None:
     torch.manual_seed(0)
     router = Router(d_model=16, num_experts=8, top_k=2).eval()

@@ -18,6 +18,7 @@ class RouterOutput:
     weights: torch.Tensor  # [T, k] fp32 gate weight of each chosen expert
     experts: torch.Tensor  # [T, k] int64 chosen expert ids, best first
     probs: torch.Tensor  # [T, E] fp32 full softmax
+    # Both scalars are 0 under torch.inference_mode, which skips them: only training uses them.
     aux_loss: torch.Tensor  # scalar, Switch load-balancing loss (without its coefficient)
     z_loss: torch.Tensor  # scalar, mean squared log-partition (without its coefficient)
     tokens_per_expert: torch.Tensor  # [E] int64 assignments per expert, before any capacity dropping
@@ -79,7 +80,10 @@ class Router(nn.Module):
             elif self.top_k == 1 and self.top1_gate == "straight_through":
                 # Value 1 (the expert is not scaled by a probability near 1/E at init), gradient the probability's.
                 weights = weights + (1.0 - weights).detach()
-            aux = load_balancing_loss(probs, experts, self.num_experts)
-            z = router_z_loss(logits)
+            if torch.is_inference_mode_enabled():  # generation, serving, scoring: nothing trains on them
+                aux = z = torch.zeros((), device=x.device)
+            else:
+                aux = load_balancing_loss(probs, experts, self.num_experts)
+                z = router_z_loss(logits)
         tokens_per_expert = torch.bincount(experts.flatten(), minlength=self.num_experts)
         return RouterOutput(weights, experts, probs, aux, z, tokens_per_expert)
