@@ -110,8 +110,7 @@ inline void axpy_rows(const float* xs, int64_t rows, int64_t k, const W* __restr
 
 // Tasks are (busy expert, range of kSlab weight rows): each reads its slab of the weight front to back and writes
 // partial sums for the expert's rows; a second pass adds the slabs' partials up. Reading whole weight rows in order
-// keeps the hardware prefetcher streaming, which column blocks strided by n (the layout's other split) did not
-// (4-6 GB/s against ~20).
+// keeps the hardware prefetcher streaming, which column blocks strided by n do not (docs/benchmarks.md).
 template <typename X, typename W>
 void experts(const at::Tensor& x, const std::vector<int64_t>& first, const at::Tensor& w, at::Tensor& y) {
   const int64_t k = w.size(1), n = w.size(2), m = x.size(0);
