@@ -1,13 +1,14 @@
 """Compiling an op's C++ source on first use, with torch's extension builder, or saying why it could not be.
 
-Each C++ op (``paged_attention.cpp``, ``row_matmul.cpp``) is built once per process by :func:`build` (a C++
-compiler and ninja; ~10 s the first time, announced on stderr, then cached by torch under
-``~/.cache/torch_extensions``). Where it cannot be built, or its environment switch turns it off, the op's Python
-side keeps PyTorch's own ops and reports the reason.
+Each C++ op (``paged_attention.cpp``, ``row_matmul.cpp``; what they share is in ``float_math.h``) is loaded once
+per process by :func:`build` (a C++ compiler and ninja; ~10 s the first time, announced on stderr, then cached by
+torch under ``~/.cache/torch_extensions``). Where it cannot be built, or its environment switch turns it off, the
+op's Python side keeps PyTorch's own ops and reports the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
@@ -42,6 +43,9 @@ def build(name: str, source: Path, switch: str) -> str | None:
         if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
             os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
         suffix, flags = build_flags()
+        # torch rebuilds when a source or a flag changes, not a header: the headers' hash is made a flag.
+        headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+        flags = [*flags, f"-DSPARSELM_HEADERS_SHA1={hashlib.sha1(headers).hexdigest()[:16]}"]
         notice = threading.Timer(NOTICE_AFTER_S, _compiling_notice, (f"{name}_{suffix}",))
         notice.daemon = True
         notice.start()
@@ -59,5 +63,5 @@ def build(name: str, source: Path, switch: str) -> str | None:
 
 
 def _compiling_notice(name: str) -> None:
-    print(f"sparselm: compiling the C++ op {name} (first use on this machine, ~10 s; cached afterwards)",
+    print(f"sparselm: compiling the C++ op {name} (once per machine and source version, ~10 s)",
           file=sys.stderr, flush=True)  # fmt: skip

@@ -6,35 +6,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "float_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
-inline float widen(float x) { return x; }
-
-inline float widen(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;  // bf16 is the top half of an fp32
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  constexpr int64_t kLanes = 16;  // independent partial sums, so the compiler can keep them in vector registers
-  float part[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) part[j] += q[i + j] * widen(k[i + j]);
-  float sum = 0;
-  for (int64_t j = 0; j < kLanes; ++j) sum += part[j];
-  for (; i < n; ++i) sum += q[i] * widen(k[i]);
-  return sum;
-}
+using sparselm::dot;
+using sparselm::widen;
 
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,

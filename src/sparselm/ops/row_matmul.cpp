@@ -8,28 +8,20 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "float_math.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kRows = 4;  // rows sharing one read of the weights
-constexpr int kLanes = 16;   // partial sums per row, so the compiler keeps them in vector registers
 constexpr int64_t kSlab = 128;  // weight rows per task in the experts' layout
 
-inline float widen(float x) { return x; }
-
-inline float widen(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;  // bf16 is the top half of an fp32
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline void narrow(float x, float* out) { *out = x; }
-inline void narrow(float x, c10::BFloat16* out) { *out = c10::BFloat16(x); }  // round to nearest even
+using sparselm::dot;
+using sparselm::narrow;
+using sparselm::widen;
 
 // x widened to fp32 once, before the threads start: every task reads all of it.
 template <typename X>
@@ -38,19 +30,6 @@ std::vector<float> widened(const at::Tensor& x) {
   std::vector<float> out(x.numel());
   for (int64_t i = 0; i < x.numel(); ++i) out[i] = widen(xp[i]);
   return out;
-}
-
-// One row: sum_i x[i] * w[i], in kLanes partial sums.
-template <typename W>
-inline float dot(const float* __restrict__ x, const W* __restrict__ w, int64_t k) {
-  float part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= k; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += x[i + j] * widen(w[i + j]);
-  float sum = 0;
-  for (int j = 0; j < kLanes; ++j) sum += part[j];
-  for (; i < k; ++i) sum += x[i] * widen(w[i]);
-  return sum;
 }
 
 // rows rows of xs [rows, k] dotted with weight row wn [k]. One row reads the weight directly; more rows widen it
