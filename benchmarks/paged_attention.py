@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel_bench import write_docs
-from serve import machine
+from serve import machine, machine_summary
 from sparselm.ops import paged_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +93,7 @@ def main() -> None:
                 if args.json:
                     print(json.dumps(row))
     note = (
-        f"{host['cpu']}, {host['cores']} cores, avx512_bf16 {'yes' if host['avx512_bf16'] else 'no'}, amx_bf16 "
-        f"{'yes' if host['amx_bf16'] else 'no'}, torch {host['torch']}, {args.threads} threads, {host['date']}; "
+        f"{machine_summary(host)}, {args.threads} threads, {host['date']}; "
         f"{args.seqs} sequences, head size {args.head_dim}, blocks of {args.block}, {args.layers} layers cycled; "
         f"1-minute load {host['load_before']:.1f} before"
     )

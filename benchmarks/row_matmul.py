@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from parallel_bench import write_docs
-from serve import CASES, REPO, machine
+from serve import CASES, REPO, machine, machine_summary
 from sparselm.config import apply_overrides, load_config
 from sparselm.model.moe import Experts
 from sparselm.model.transformer import Transformer
@@ -154,8 +154,7 @@ def main() -> None:
     host = machine()
     linear, experts, decodes = linear_rows_table(args), experts_table(args), decode_table(args)
     note = (
-        f"{host['cpu']}, {host['cores']} cores, avx512_bf16 {'yes' if host['avx512_bf16'] else 'no'}, amx_bf16 "
-        f"{'yes' if host['amx_bf16'] else 'no'}, torch {host['torch']}, {args.threads} threads unless said, "
+        f"{machine_summary(host)}, {args.threads} threads unless said, "
         f"{host['date']}; bf16; medians of {args.repeats} alternating calls; 1-minute load {host['load_before']:.1f} "
         "before"
     )

@@ -457,5 +457,12 @@ def machine() -> dict:
     }
 
 
+def machine_summary(host: dict) -> str:
+    """What a table's note says of the machine: CPU, cores, bf16 support, torch."""
+    yes = lambda flag: "yes" if host[flag] else "no"  # noqa: E731
+    return (f"{host['cpu']}, {host['cores']} cores, avx512_bf16 {yes('avx512_bf16')}, amx_bf16 {yes('amx_bf16')}, "
+            f"torch {host['torch']}")  # fmt: skip
+
+
 if __name__ == "__main__":
     main()
