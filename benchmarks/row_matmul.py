@@ -1,10 +1,12 @@
 """Few-row matmuls (``sparselm.ops.row_matmul``) against PyTorch's, and what they do to a decode step.
 
 Three tables, every ratio from alternating calls in one process (this VM's speed drifts over minutes):
-1. a linear layer, ``F.linear`` against ``linear_rows``, bf16 weights, 1-8 rows, the demo model's and the d512
-   model's shapes (weights cycled over ~32 MB so that they come from memory, as in a decode step);
-2. the expert FFN at the decode of 1-16 tokens (top-2; rows per expert as a fixed-seed routing gives them): the
-   loop kernel, the padded kernel and ``row_experts``, and the one ``Experts`` "auto" picks;
+1. a linear layer, ``F.linear`` against ``linear_rows``, bf16 weights, 1-16 rows, the demo model's and the d512
+   model's shapes (weights cycled over 256 MB, more than any L3 here, so that they come from memory as in a decode
+   step), and which one ``sparselm.ops.linear`` takes;
+2. the expert FFN at the decode of 1-32 tokens (top-2; rows per expert as a fixed-seed routing gives them; copies of
+   the layer cycled over 256 MB): the loop kernel, the padded kernel and ``row_experts``, and the one ``Experts``
+   "auto" picks;
 3. the bare decode forward (one token through the model's contiguous KV cache after a 256-token prompt, bf16) of the
    demo MoE and the d512 MoE with the kernels and with them turned off, on 1 and 2 threads.
 
@@ -31,6 +33,7 @@ from sparselm.model.transformer import Transformer
 from sparselm.ops import default_expert_loop, padded_experts, row_experts, row_matmul
 from sparselm.ops.row_matmul import linear_rows, use_rows
 
+POOL_BYTES = 256e6  # weights cycled over more than any L3 here: a decode step reads them from memory (d512: 181 MB)
 LINEAR_SHAPES = [(256, 256), (256, 768), (256, 8192), (512, 512), (512, 1408), (512, 8192)]  # (in, out)
 EXPERT_SHAPES = [(8, 256, 384), (16, 512, 704)]  # (experts, d_model, d_ff per expert): demo, d512
 
@@ -51,9 +54,9 @@ def alternate(fns: dict, repeats: int) -> dict:
 def linear_rows_table(args) -> list[dict]:
     out = []
     for d_in, d_out in LINEAR_SHAPES[:2] if args.quick else LINEAR_SHAPES:
-        copies = max(2, int(32e6 / (d_in * d_out * 2)))
+        copies = max(2, int((8e6 if args.quick else POOL_BYTES) / (d_in * d_out * 2)))
         weights = [torch.randn(d_out, d_in).bfloat16() for _ in range(copies)]
-        for rows in (1, 2) if args.quick else (1, 2, 4, 8):
+        for rows in (1, 2, 16) if args.quick else (1, 2, 4, 8, 16):
             x = torch.randn(rows, d_in).bfloat16()
             fns = {"torch": partial(each, F.linear, x, weights), "kernel": partial(each, linear_rows, x, weights)}
             t = {k: v / copies for k, v in alternate(fns, args.repeats).items()}
@@ -75,11 +78,12 @@ def each(fn, x, weights) -> None:
 def experts_table(args) -> list[dict]:
     out = []
     for num_experts, d_model, d_ff in EXPERT_SHAPES[:1] if args.quick else EXPERT_SHAPES:
-        experts = Experts(num_experts, d_model, d_ff)
-        for weight in experts.parameters():
+        layer_bytes = 3 * num_experts * d_model * d_ff * 2
+        copies = 1 if args.quick else max(1, round(POOL_BYTES / layer_bytes))  # weights from memory, as in a step
+        layers = [Experts(num_experts, d_model, d_ff) for _ in range(copies)]
+        for weight in (w for layer in layers for w in layer.parameters()):
             torch.nn.init.normal_(weight, std=0.02)  # the module leaves them torch.empty, as the model initialises them
-        experts = experts.bfloat16()
-        weights = (experts.w_up, experts.w_gate, experts.w_down, None, None)
+        layers = [layer.bfloat16() for layer in layers]
         kernels = {"loop": default_expert_loop(), "padded": padded_experts, "rows": row_experts}
         for tokens in (1, 4) if args.quick else (1, 2, 4, 8, 16, 24, 32):
             rng = random.Random(tokens)
@@ -91,13 +95,19 @@ def experts_table(args) -> list[dict]:
             x = torch.randn(sum(counts), d_model).bfloat16()
             gates = torch.rand(sum(counts)).bfloat16()
             with torch.inference_mode():
-                t = alternate({k: partial(fn, x, gates, c, *weights) for k, fn in kernels.items()}, args.repeats)
-                auto = experts.kernel_for(x, c)
+                fns = {k: partial(each_layer, fn, x, gates, c, layers) for k, fn in kernels.items()}
+                t = {k: v / copies for k, v in alternate(fns, args.repeats).items()}
+                auto = layers[0].kernel_for(x, c)
             row = {"table": "experts", "shape": f"{num_experts} x {d_model} x {d_ff}", "tokens": tokens}
             row |= {"busiest": max(counts), **{f"{k}_us": v * 1e6 for k, v in t.items()}, "auto": auto}
             out.append(row)
             emit(args, row)
     return out
+
+
+def each_layer(kernel, x, gates, counts, layers) -> None:
+    for layer in layers:
+        kernel(x, gates, counts, layer.w_up, layer.w_gate, layer.w_down, None, None)
 
 
 def decode_table(args) -> list[dict]:
