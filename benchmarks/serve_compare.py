@@ -58,6 +58,7 @@ def variants(old_src: str | None) -> dict[str, dict]:
         "new asyncio h11": {"uvicorn": PLAIN_UVICORN, "args": []},
         "new kv-bf16": {"args": ["--kv-cache-dtype", "bf16"]},
         "new sdpa": {"env": {"SPARSELM_PAGED_ATTENTION": "off"}, "args": []},  # PyTorch's attention, fp32 cache
+        "new mbt 2048": {"args": ["--max-batched-tokens", "2048"]},
     }
     return out
 

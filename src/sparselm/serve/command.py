@@ -16,6 +16,7 @@ import signal
 import sys
 
 from sparselm.config import PRECISIONS
+from sparselm.serve.params import EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batched-tokens",
         type=int,
-        default=512,
-        help="tokens per step: one per decoding sequence + prefill chunks",
+        default=EngineConfig.max_batched_tokens,
+        help="tokens per step: one per decoding sequence + prefill chunks (lower it to bound how long a prompt "
+        "chunk stalls the decoding sequences)",
     )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument(
@@ -76,7 +78,7 @@ def build(args: argparse.Namespace):
     from sparselm.errors import InputError
     from sparselm.serve.api import ServerConfig, ServerState, checkpoint_name
     from sparselm.serve.engine import kv_cache_blocks, paged_kernel_refusal
-    from sparselm.serve.params import EngineConfig, parse_bytes
+    from sparselm.serve.params import parse_bytes
 
     ckpt = resolve_checkpoint(args.ckpt)
     cfg = load_config_from_checkpoint(ckpt)

@@ -82,7 +82,10 @@ class EngineConfig:
 
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # sequences running at once
-    max_batched_tokens: int = 512  # tokens (prefill chunks + one per decoding sequence) per step
+    # Tokens per step (prefill chunks + one per decoding sequence). Larger steps feed the CPU's matmuls, above all the
+    # experts', more rows at once; smaller ones bound how long a prompt chunk stalls the decoding sequences
+    # (docs/serving.md, "Options").
+    max_batched_tokens: int = 2048
     kv_cache_memory: int = 0  # bytes for the KV pool; 0: enough for max_num_seqs sequences of max_seq_len
     prefix_caching: bool = True
     precision: str = "auto"  # auto | bf16 | fp32 (weights; the KV cache too unless kv_cache_dtype says otherwise)
