@@ -11,6 +11,7 @@ from expert_reference import as_args, check_against_textbook, expert_weights
 from sparselm.config import MoEConfig
 from sparselm.model.moe import MoE
 from sparselm.ops import ExpertLoop, ExpertLoopSettings, padded_experts, prefer_padded
+from sparselm.ops.padded_experts import LOOP_OVERHEAD_MACS
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -40,6 +41,21 @@ def test_prefer_padded_is_about_the_padding() -> None:
     assert not prefer_padded([100] + [2] * 7)  # one busy expert: 800 padded rows for 114
     assert not prefer_padded([0, 0, 0])
     assert prefer_padded([4, 1, 1, 0]) and not prefer_padded([4, 1, 1, 0], torch.float32)  # 16 padded for 6 rows
+
+
+def test_large_steps_are_padded_only_while_the_waste_stays_under_the_loops_overhead() -> None:
+    d512 = 512 * 704  # one row's multiply-adds in one projection of the d512 model's experts
+    budget = LOOP_OVERHEAD_MACS[torch.bfloat16] * 16 // d512  # wasted rows allowed over 16 experts: 16 x 44
+    prompt_chunk = [300] + [252] * 15  # 2,048 tokens' top-2: 4,080 rows, 720 of them padding
+    assert prefer_padded(prompt_chunk)  # the padding factor alone (1.18x) allows it
+    assert 16 * 300 - sum(prompt_chunk) > budget and not prefer_padded(prompt_chunk, row_macs=d512)
+    balanced = [256 + (i % 2) for i in range(16)]  # 8 padded rows
+    assert prefer_padded(balanced, row_macs=d512)
+    decode = [3, 2, 2, 1, 2, 3, 2, 1, 2, 2, 3, 1, 2, 2, 3, 1]  # 16 tokens' top-2: every step of decoding qualifies
+    assert prefer_padded(decode, row_macs=d512)
+    waste_500 = [288] + [255] * 14 + [250]  # 4,108 rows padded to 4,608: within bf16's allowance, not fp32's
+    assert 16 * 288 - sum(waste_500) == 500
+    assert prefer_padded(waste_500, row_macs=d512) and not prefer_padded(waste_500, torch.float32, row_macs=d512)
 
 
 def test_experts_pick_the_padded_kernel_only_for_inference_in_the_weights_dtype(monkeypatch) -> None:

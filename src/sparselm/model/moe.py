@@ -10,8 +10,8 @@ compute the same thing (``Experts.impl``), and a fourth serves decoding:
   ``torch.nn.functional.grouped_mm``, for GPUs where a Python loop over experts would be launch-bound.
 - ``"padded"``: :func:`sparselm.ops.padded_experts`, one batched matmul per projection over rows padded to the
   busiest expert. On CPU "auto" picks it without gradients (serving, generation) when the weights are already in
-  the compute dtype and the padding is small (``sparselm.ops.prefer_padded``): decoding steps, where the loop
-  pays per expert for a few rows each.
+  the compute dtype and the padding is small (``sparselm.ops.prefer_padded``, against the loop's per-expert cost):
+  decoding steps, where the loop pays per expert for a few rows each.
 - ``"rows"``: :func:`sparselm.ops.row_experts`, C++ kernels that read each busy expert's weights once per 4 of its
   rows and skip idle experts. "auto" picks it before "padded" under the same conditions when it reads less than
   the padded kernel would (``sparselm.ops.prefer_rows``: decoding steps) and the kernels are built.
@@ -104,7 +104,7 @@ class Experts(nn.Module):
             return "loop"
         if applies(x, self.w_up) and prefer_rows(rows):
             return "rows"
-        return "padded" if prefer_padded(rows, x.dtype) else "loop"
+        return "padded" if prefer_padded(rows, x.dtype, self.w_up.shape[1] * self.w_up.shape[2]) else "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         """``x`` [M, d_model] sorted by expert, ``counts`` [E] rows per expert, ``gates`` [M] scaling each row's

@@ -17,14 +17,26 @@ import torch.nn.functional as F
 # Padded rows (E * C) may be up to this many times the real rows before the per-expert loop is preferred: fewer in
 # fp32, whose matmuls cost 2-3x bf16's per row on CPU, so wasted rows cost more (docs/benchmarks.md, "The decode step").
 MAX_PADDING_FACTOR = {torch.bfloat16: 4, torch.float32: 2}
+# What the loop pays per expert beyond its rows' work (separate small matmuls), in multiply-adds of one projection:
+# the padded kernel's wasted rows may cost up to this much per expert. On the d512 shape (512 x 704) that is ~44 rows
+# per expert, so a prompt chunk of 2,048 tokens must be nearly balanced to be padded (docs/benchmarks.md, "Padded
+# rows in prompt chunks").
+LOOP_OVERHEAD_MACS = {torch.bfloat16: 16_000_000, torch.float32: 8_000_000}
 
 
-def prefer_padded(counts: list[int], dtype: torch.dtype = torch.bfloat16) -> bool:
+def prefer_padded(counts: list[int], dtype: torch.dtype = torch.bfloat16, row_macs: int = 0) -> bool:
     """Whether the padded kernel should run for these rows per expert in ``dtype``: the padded rows, every expert's
-    busiest count, stay under ``MAX_PADDING_FACTOR`` times the real ones. One token's top-k (most experts idle) and a
-    skewed routing of a long prompt (one busy expert) both go to the loop."""
+    busiest count, stay under ``MAX_PADDING_FACTOR`` times the real ones, and (given ``row_macs``, one row's
+    multiply-adds in one projection, d_in x d_ff) the wasted rows' work stays under the loop's per-expert overhead
+    ``LOOP_OVERHEAD_MACS``. One token's top-k (most experts idle), a skewed routing of a long prompt (one busy expert)
+    and a large prompt chunk padded by more than a few dozen rows per expert all go to the loop."""
     rows = sum(counts)
-    return rows > 0 and len(counts) * max(counts) < MAX_PADDING_FACTOR.get(dtype, 2) * rows
+    if rows == 0:
+        return False
+    padded = len(counts) * max(counts)
+    if padded >= MAX_PADDING_FACTOR.get(dtype, 2) * rows:
+        return False
+    return (padded - rows) * row_macs <= LOOP_OVERHEAD_MACS.get(dtype, LOOP_OVERHEAD_MACS[torch.float32]) * len(counts)
 
 
 def padded_experts(x, gates, counts, w_up, w_gate, w_down, b_up, b_down) -> torch.Tensor:
