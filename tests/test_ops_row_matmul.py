@@ -94,11 +94,11 @@ def test_threads_do_not_change_the_result() -> None:
 
 def test_only_inference_with_few_rows_takes_the_kernel() -> None:
     w = torch.nn.Parameter(torch.randn(16, 8))
-    one, many = torch.randn(1, 8), torch.randn(3, 8)
+    one, many = torch.randn(1, 8), torch.randn(5, 8)
     assert not use_rows(one, w, 1)  # autograd on: training never sees the kernel
     with torch.no_grad():
-        assert use_rows(one, w, 1) and use_rows(one, w, 2)
-        assert not use_rows(many, w, 3)  # more rows than LINEAR_MAX_ROWS: F.linear
+        assert use_rows(one, w, 1) and use_rows(one, w, 4)
+        assert not use_rows(many, w, 5)  # more rows than LINEAR_MAX_ROWS: F.linear
         assert applies(many, w)
         assert not use_rows(one.bfloat16(), w, 1)  # F.linear refuses mixed dtypes; so does the rule
         assert not use_rows(one.to(torch.float16), w.to(torch.float16), 1)

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from sparselm.ops.extension import build
 
 SOURCE = Path(__file__).with_name("row_matmul.cpp")
-# When the kernels beat PyTorch's (docs/benchmarks.md, "Few-row matmuls"): a linear layer's rows in one call up to
-# LINEAR_MAX_ROWS; the experts while the kernel's weight reads (one per busy expert and group of ROWS_PER_READ of its
-# rows) stay within EXPERT_READS_FACTOR times the number of experts (the padded kernel reads every expert once).
-LINEAR_MAX_ROWS = 2
+# When the kernels beat PyTorch's (docs/benchmarks.md, "Few-row matmuls"; the decode steps of 3 and 4 sequences in
+# "Where the concurrency-16 ratio goes"): a linear layer's rows in one call, one weight read, up to LINEAR_MAX_ROWS;
+# the experts while the kernel's weight reads (one per busy expert and group of ROWS_PER_READ of its rows) stay
+# within EXPERT_READS_FACTOR times the number of experts (the padded kernel reads every expert once).
+LINEAR_MAX_ROWS = 4
 ROWS_PER_READ = 4  # the C++ side's kRows
 EXPERT_READS_FACTOR = 1.25
 _DTYPES = (torch.float32, torch.bfloat16)
