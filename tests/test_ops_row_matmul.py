@@ -153,6 +153,24 @@ def test_the_models_decode_through_the_kernels_equals_pytorchs(monkeypatch, dtyp
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-4 if dtype == torch.float32 else 3e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_generate_command_decodes_through_the_kernels(monkeypatch, capsys, tiny_tokenizer, tmp_path, precision):
+    """`sparselm generate --precision bf16` holds bf16 weights, as the server does, so its decode steps take the
+    kernels (autocast over fp32 weights would bypass them); fp32 takes them in fp32."""
+    from interop_models import random_model, tiny_config, write_checkpoint
+    from sparselm.cli import main
+
+    cfg = tiny_config(tiny_tokenizer.vocab_size)
+    run = write_checkpoint(random_model(cfg), cfg, tiny_tokenizer.path, tmp_path / "run")
+    dtypes = []
+    real = row_matmul.linear_rows
+    monkeypatch.setattr(row_matmul, "linear_rows", lambda x, w: dtypes.append(w.dtype) or real(x, w))
+    argv = ["generate", "--ckpt", str(run), "--prompt", "The old man", "--greedy", "--max-new-tokens", "4"]
+    assert main([*argv, "--precision", precision]) == 0
+    assert capsys.readouterr().out.startswith("--- prompt: 'The old man'")
+    assert dtypes and set(dtypes) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+
+
 def test_argument_errors_are_clear() -> None:
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="x has 8 features, the weight takes 6"):

@@ -115,13 +115,17 @@ def _load(ckpt: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from sparselm.model.generate import SamplingConfig, generate_text
-    from sparselm.precision import autocast
 
     model, cfg, tokenizer = _load(args.ckpt)
     sampling = SamplingConfig.from_args(args)
-    with autocast(args.precision, model.tok_emb.weight.device):
-        outputs = generate_text(model, tokenizer, args.prompt, sampling)
+    if args.precision == "bf16":
+        # bf16 weights, as `sparselm serve` holds them: the few-row decode kernels multiply weights that are in the
+        # compute dtype, where autocast over fp32 weights would cast them again at every step instead.
+        model.to(torch.bfloat16)
+    outputs = generate_text(model, tokenizer, args.prompt, sampling)
     for prompt, text in zip(args.prompt, outputs, strict=True):
         print(f"--- prompt: {prompt!r}")
         print(prompt + text)
