@@ -113,7 +113,7 @@ def inference_steps(args: argparse.Namespace, dtype: torch.dtype, tokens: int) -
     weights = [(torch.randn(*s, generator=gen) * 0.02).to(dtype) for s in ((e, d, f), (e, d, f), (e, f, d))]
     rows = torch.randn(perm.order.numel(), d, generator=gen).to(dtype)
     gates = perm.rows_of(torch.rand(tokens, k, generator=gen))
-    picked = "padded" if prefer_padded(perm.counts.tolist(), dtype) else "loop"
+    picked = "padded" if prefer_padded(perm.counts.tolist(), dtype, d * f) else "loop"  # as Experts.kernel_for asks
     loop = ExpertLoop(ExpertLoopSettings())
 
     def step(kernel: Callable) -> Callable[[], None]:
