@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python benchmarks/comm_volume.py --write-docs
 	$(BIN)/python benchmarks/step_time.py --write-docs
 	$(BIN)/python benchmarks/paged_attention.py --write-docs
+	$(BIN)/python benchmarks/causal_attention.py --write-docs
 	$(BIN)/python benchmarks/row_matmul.py --write-docs
 	@test -f $(DATA)/tokenizer.model || $(BIN)/sparselm tokenizer train --out $(DATA)/tokenizer --vocab-size 8192
 	$(BIN)/python benchmarks/data_pipeline.py --write-docs

@@ -150,7 +150,7 @@ def op_kind(name: str) -> str:
     """The profile category of one operator: matmul, attention, copy (casts) or other."""
     if name in MATMUL_OPS:
         return "matmul"
-    if "scaled_dot_product" in name or "flash_attention" in name:
+    if "scaled_dot_product" in name or "flash_attention" in name or name.startswith("sparselm_causal::"):
         return "attention"
     return "copy" if name in COPY_OPS else "other"
 

@@ -109,6 +109,14 @@ def test_paged_attention_benchmark_smallest_setting() -> None:
     assert all(r["ms"] > 0 and r["sdpa_fp32_ms"] > 0 and r["gb_per_s"] > 0 for r in rows)
 
 
+def test_causal_attention_benchmark_smallest_setting() -> None:
+    rows = _run("causal_attention.py", "--shapes", "1x2x40x16,2x1x7x8", "--rounds", "2")
+    assert [r["shape"] for r in rows] == ["1x2x40x16", "2x1x7x8"]
+    for r in rows:
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert all(r[f"{name}_{part}"] > 0 for name in ("sdpa", "kernel") for part in ("fwd_ms", "bwd_ms", "gflops"))
+
+
 def test_row_matmul_benchmark_smallest_setting() -> None:
     rows = _run("row_matmul.py", "--quick", "--repeats", "1", "--steps", "2")
     linear = [r for r in rows if r["table"] == "linear"]

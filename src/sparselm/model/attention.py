@@ -1,4 +1,8 @@
-"""Causal multi-head self-attention through ``scaled_dot_product_attention``, with an optional KV cache.
+"""Causal multi-head self-attention, with an optional KV cache.
+
+Plain causal attention (no bias, no dropout) goes through ``sparselm.ops.causal_attention``: a C++ kernel for bf16
+on CPU, ``scaled_dot_product_attention`` elsewhere; masks, biases and cached keys go through
+``scaled_dot_product_attention``.
 
 Position information enters in one of three ways here (learned absolute embeddings live in the transformer):
 - ``rope``: rotary embeddings applied to queries and keys;
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparselm.model.layers import Linear, RMSNorm, apply_rope, sinusoid_table
+from sparselm.ops.causal_attention import causal_attention
 
 
 def causal_slots(past: int, new: int, k_valid: torch.Tensor) -> torch.Tensor:
@@ -206,5 +211,7 @@ class Attention(nn.Module):
             q = q + self.u.unsqueeze(1).to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         if attn_bias is None:
+            if causal and dropout == 0.0:
+                return causal_attention(q, k, v)
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=dropout)

@@ -11,6 +11,8 @@
   with few rows per expert, and the rule for when it pays (``padded_experts.py``);
 - ``linear`` / ``row_experts``: a linear layer and the expert FFN for a few rows (decoding) through C++ kernels
   that read each weight once, ``F.linear`` / the other kernels otherwise (``row_matmul.py``);
+- ``causal_attention``: causal self-attention, forward and backward, through a C++ kernel for bf16 on CPU
+  (``causal_attention.py``);
 - ``linear_cross_entropy``: the output layer and the cross-entropy in row chunks, without the full fp32 logits
   (``linear_cross_entropy.py``).
 
