@@ -45,9 +45,14 @@ def _chunked(x, w, y, scale: float, bf16: bool, chunk_rows: int):
     return loss.detach(), x.grad, w.grad
 
 
-@pytest.fixture
-def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 3 rows, so that chunks of 8 rows are cut into several blocks (the last one short)."""
+@pytest.fixture(params=["kernel", "pytorch"])
+def small_blocks(request, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test twice: the softmax through the C++ kernel (where it builds), and through PyTorch's ops in blocks of
+    3 rows, so that chunks of 8 rows are cut into several blocks (the last one short)."""
+    if request.param == "kernel" and not lce_module.kernel_available():
+        pytest.skip(lce_module.unavailable_reason())
+    if request.param == "pytorch":
+        monkeypatch.setattr(lce_module, "_kernel_applies", lambda logits: False)
     monkeypatch.setattr(lce_module, "BLOCK_ELEMENTS", 3 * V)
 
 
@@ -81,6 +86,45 @@ def test_bf16_autocast_as_accurate_as_the_plain_path(small_blocks: None, chunk_r
     for name, c, p, ref in zip(("loss", "x grad", "weight grad"), chunked, plain, refs, strict=True):
         assert _error(c, ref) <= 1.2 * _error(p, ref) + 1e-6, (name, _error(c, ref), _error(p, ref))
         assert _error(c, ref) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_kernel_equals_pytorchs_blocks(dtype) -> None:
+    """Loss and d logits of rows longer than the kernel's 8 lanes with a tail, ignored rows (scale 0) included."""
+    if not lce_module.kernel_available():
+        pytest.skip(lce_module.unavailable_reason())
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 67, 1001
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    scale = torch.rand(rows, generator=gen)
+    scale[[2, 40]] = 0.0
+    got_logits, want_logits = logits.clone(), logits.clone()
+    got_loss, want_loss = torch.empty(rows), torch.empty(rows)
+    lce_module.softmax_rows(got_logits, targets, scale, got_loss, True)
+    lce_module._softmax_block(want_logits, targets.unsqueeze(1), scale, want_loss, True)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-9)
+    else:  # the same fp32 value rounded once: at most one bf16 step apart
+        step = want_logits.float().abs() * 2**-7 + 1e-30
+        assert ((got_logits.float() - want_logits.float()).abs() <= step).all()
+    assert (got_logits[[2, 40]] == 0).all()
+    loss_only = logits.clone()
+    lce_module.softmax_rows(loss_only, targets, scale, got_loss, False)
+    assert torch.equal(loss_only, logits)
+
+
+def test_softmax_kernel_refuses_bad_arguments() -> None:
+    if not lce_module.kernel_available():
+        pytest.skip(lce_module.unavailable_reason())
+    logits, loss, scale = torch.zeros(3, 10), torch.empty(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"a target is outside \[0, 10\)"):
+        lce_module.softmax_rows(logits, torch.tensor([0, 10, 1]), scale, loss, True)
+    with pytest.raises(RuntimeError, match="logits must be bf16 or fp32"):
+        lce_module.softmax_rows(logits.double(), torch.tensor([0, 1, 1]), scale, loss, True)
+    with pytest.raises(RuntimeError, match="targets must be N contiguous int64"):
+        lce_module.softmax_rows(logits, torch.tensor([0, 1]), scale, loss, True)
 
 
 def test_bf16_weight_gets_a_bf16_gradient() -> None:

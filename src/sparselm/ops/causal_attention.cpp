@@ -12,10 +12,6 @@
 
 #include "float_math.h"
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +22,17 @@
 namespace {
 
 using bf16 = c10::BFloat16;
+using sparselm::exp_approx;
+using sparselm::round_bf16;
+using sparselm::widen;
+#if SPARSELM_AVX2
+using sparselm::exp8;
+using sparselm::kVecLanes;
+using sparselm::max8;
+using sparselm::round8;
+using sparselm::sum8;
+using sparselm::widen8;
+#endif
 constexpr int64_t kBlock = 64;  // query rows per block
 
 constexpr int64_t round_even(int64_t n) { return (n + 1) / 2 * 2; }
@@ -82,73 +89,26 @@ void transpose(const bf16* x, int64_t ld, int64_t rows, int64_t cols, bf16* out)
         store_pair(out, (c * rows + r) / 2, pair(x[r * ld + c], x[(r + 1) * ld + c]));
 }
 
-// The three per-row passes between the products, over n scores of one query: 8 lanes at a time with AVX2 (GCC does
-// not vectorise them itself: the reductions, the bit casts), the same arithmetic one value at a time elsewhere.
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp8(__m256 x) {  // sparselm::exp_approx, 8 lanes
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 er = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(er, _mm256_castsi256_ps(bits));
-}
-
-inline __m256 round8(__m256 x, bf16* out) {  // stores sparselm::round_bf16 of 8 lanes, returns them widened back
-  __m256i b = _mm256_castps_si256(x);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
-}
-
-inline __m256 widen8(const bf16* x) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline float sum8(__m256 x) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-inline float max8(__m256 x) {
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-}
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 0;  // no vector part: the scalar loops do it all
-#endif
-
+// The per-row passes between the products (and the backward's row term), over the n scores of one query: 8 lanes at a
+// time with AVX2 (float_math.h), the same arithmetic one value at a time for the tail and elsewhere.
 float dot_bf16(const bf16* x, const bf16* y, int64_t n) {
   float sum = 0.f;
   int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if SPARSELM_AVX2
   __m256 acc = _mm256_setzero_ps();
-  for (; j + kLanes <= n; j += kLanes) acc = _mm256_fmadd_ps(widen8(x + j), widen8(y + j), acc);
+  for (; j + kVecLanes <= n; j += kVecLanes) acc = _mm256_fmadd_ps(widen8(x + j), widen8(y + j), acc);
   sum = sum8(acc);
 #endif
-  for (; j < n; ++j) sum += sparselm::widen(x[j]) * sparselm::widen(y[j]);
+  for (; j < n; ++j) sum += widen(x[j]) * widen(y[j]);
   return sum;
 }
 
 float row_max(const float* s, int64_t n) {
   float top = -INFINITY;
   int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if SPARSELM_AVX2
   __m256 m = _mm256_set1_ps(-INFINITY);
-  for (; j + kLanes <= n; j += kLanes) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  for (; j + kVecLanes <= n; j += kVecLanes) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
   top = max8(m);
 #endif
   for (; j < n; ++j) top = std::max(top, s[j]);
@@ -159,16 +119,16 @@ float row_max(const float* s, int64_t n) {
 float exp_row(const float* s, int64_t n, float scale, float shift, bf16* p) {
   float sum = 0.f;
   int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if SPARSELM_AVX2
   const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
-  for (; j + kLanes <= n; j += kLanes)
+  for (; j + kVecLanes <= n; j += kVecLanes)
     acc = _mm256_add_ps(acc, round8(exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vshift)), p + j));
   sum = sum8(acc);
 #endif
   for (; j < n; ++j) {
-    p[j] = sparselm::round_bf16(sparselm::exp_approx(s[j] * scale - shift));
-    sum += sparselm::widen(p[j]);
+    p[j] = round_bf16(exp_approx(s[j] * scale - shift));
+    sum += widen(p[j]);
   }
   return sum;
 }
@@ -176,9 +136,9 @@ float exp_row(const float* s, int64_t n, float scale, float shift, bf16* p) {
 // The softmax gradient of one query's n scores: p = e^(s * scale - lse), ds = p * (dp - delta) * scale, both bf16.
 void grad_row(const float* s, const float* dp, int64_t n, float scale, float lse, float delta, bf16* ds, bf16* p) {
   int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if SPARSELM_AVX2
   const __m256 vscale = _mm256_set1_ps(scale), vlse = _mm256_set1_ps(lse), vdelta = _mm256_set1_ps(delta);
-  for (; j + kLanes <= n; j += kLanes) {
+  for (; j + kVecLanes <= n; j += kVecLanes) {
     const __m256 prob = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s + j), vscale, vlse));
     round8(prob, p + j);
     const __m256 grad = _mm256_mul_ps(_mm256_mul_ps(prob, _mm256_sub_ps(_mm256_loadu_ps(dp + j), vdelta)), vscale);
@@ -186,9 +146,9 @@ void grad_row(const float* s, const float* dp, int64_t n, float scale, float lse
   }
 #endif
   for (; j < n; ++j) {
-    const float prob = sparselm::exp_approx(s[j] * scale - lse);
-    p[j] = sparselm::round_bf16(prob);
-    ds[j] = sparselm::round_bf16(prob * (dp[j] - delta) * scale);
+    const float prob = exp_approx(s[j] * scale - lse);
+    p[j] = round_bf16(prob);
+    ds[j] = round_bf16(prob * (dp[j] - delta) * scale);
   }
 }
 
@@ -250,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
         gemm(rows, D, keys_even, probs.data(), Tp, v_pairs.data(), D, acc.data(), D, false);
         for (int64_t i = 0; i < rows; ++i) {
           bf16* o = op + so.at(b, h) + (r0 + i) * so.t;
-          for (int64_t d = 0; d < D; ++d) o[d] = sparselm::round_bf16(acc[i * D + d] * inv_sum[i]);
+          for (int64_t d = 0; d < D; ++d) o[d] = round_bf16(acc[i * D + d] * inv_sum[i]);
         }
       }
     }
@@ -319,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         gemm(rows, D, keys_even, ds.data(), Tp, k_pairs.data(), D, dq_acc.data(), D, false);
         for (int64_t i = 0; i < rows; ++i) {
           bf16* o = dqp + sdq.at(b, h) + (r0 + i) * sdq.t;
-          for (int64_t d = 0; d < D; ++d) o[d] = sparselm::round_bf16(dq_acc[i * D + d]);
+          for (int64_t d = 0; d < D; ++d) o[d] = round_bf16(dq_acc[i * D + d]);
         }
         pack_rows(qb + r0 * sq.t, sq.t, rows, D, q_pairs.data());
         pack_rows(gb + r0 * sg.t, sg.t, rows, D, g_pairs.data());
@@ -330,8 +290,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         bf16* dko = dkp + sdk.at(b, h) + t * sdk.t;
         bf16* dvo = dvp + sdv.at(b, h) + t * sdv.t;
         for (int64_t d = 0; d < D; ++d) {
-          dko[d] = sparselm::round_bf16(dk_acc[t * D + d]);
-          dvo[d] = sparselm::round_bf16(dv_acc[t * D + d]);
+          dko[d] = round_bf16(dk_acc[t * D + d]);
+          dvo[d] = round_bf16(dv_acc[t * D + d]);
         }
       }
     }

@@ -13,17 +13,52 @@ The math is the plain path's: logits in the compute dtype (bf16 under autocast) 
 targets != ``ignore_index``, ``d logits = (softmax - onehot) / n`` rounded to the compute dtype before the two GEMMs.
 What differs are roundings: the weight gradient is summed over chunks in fp32 (each chunk's GEMM rounds once, instead
 of one rounding for all rows), and the incoming gradient multiplies the results instead of ``d logits``.
+
+On CPU the softmax part runs in ``linear_cross_entropy.cpp`` (three passes over each row of the chunk, in cache,
+rows over the intra-op threads; exponentials by a polynomial within ~2 ulp of ``torch.exp``) where PyTorch's ops
+take about ten passes over blocks of rows; compiled on first use (:mod:`sparselm.ops.extension`), PyTorch's ops
+where it cannot be built or with ``SPARSELM_XENT_KERNEL=off``.
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch.autograd.function import once_differentiable
+
+from sparselm.ops.extension import build
 
 # Logits elements per chunk (bf16: 128 MB): few chunks, since each adds one pass over the [V, d] fp32 weight gradient.
 CHUNK_ELEMENTS = 1 << 26
 # Logits elements upcast to fp32 at a time (4 MB): the softmax passes stay in cache.
 BLOCK_ELEMENTS = 1 << 20
+SOURCE = Path(__file__).with_name("linear_cross_entropy.cpp")
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build and load the softmax kernel once per process; None if loaded, else why it could not be."""
+    return build("sparselm_linear_cross_entropy", SOURCE, "SPARSELM_XENT_KERNEL")
+
+
+def kernel_available() -> bool:
+    return _load() is None
+
+
+def unavailable_reason() -> str | None:
+    """Why the softmax kernel is not in use, or None when it is."""
+    return _load()
+
+
+def _kernel_applies(logits: torch.Tensor) -> bool:
+    return (
+        logits.device.type == "cpu"
+        and type(logits) is torch.Tensor
+        and logits.dtype in (torch.float32, torch.bfloat16)
+        and kernel_available()
+    )
 
 
 def linear_cross_entropy(
@@ -65,14 +100,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dx = torch.empty_like(x) if want_dx else None
             dw = None
             logits = torch.empty(min(chunk_rows, n_rows), vocab, dtype=cd, device=x.device)
+            use_kernel = _kernel_applies(logits)
+            flat_targets = safe_targets.squeeze(1).contiguous() if use_kernel else None
             block = max(1, BLOCK_ELEMENTS // vocab)
             for start in range(0, n_rows, chunk_rows):
                 stop = min(start + chunk_rows, n_rows)
                 chunk = logits[: stop - start]
                 torch.mm(x[start:stop], w.t(), out=chunk)
-                for b in range(0, stop - start, block):
-                    rows = slice(start + b, min(start + b + block, stop))
-                    _softmax_block(chunk[b : b + block], safe_targets[rows], scale[rows], row_loss[rows], want_grad)
+                if use_kernel:
+                    part = slice(start, stop)
+                    softmax_rows(chunk, flat_targets[part], scale[part], row_loss[part], want_grad)
+                else:
+                    for b in range(0, stop - start, block):
+                        rows = slice(start + b, min(start + b + block, stop))
+                        _softmax_block(chunk[b : b + block], safe_targets[rows], scale[rows], row_loss[rows], want_grad)
                 if want_dx:
                     torch.mm(chunk, w, out=dx[start:stop])
                 if want_dw:
@@ -97,6 +138,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if dw is not None:
             dw.mul_(grad_loss.to(dw.dtype))
         return dx, dw, None, None, None, None
+
+
+def softmax_rows(logits, targets, scale, row_loss, want_grad: bool) -> None:
+    """The C++ kernel's loss (and, with ``want_grad``, d logits over ``logits``) for rows of a [N, V] chunk with
+    targets [N] int64 and each row's share of the mean ``scale`` [N] fp32: what ``_softmax_block`` computes."""
+    torch.ops.sparselm_xent.softmax_rows(logits, targets, scale, row_loss, want_grad)
 
 
 def _softmax_block(logits, targets, scale, row_loss, want_grad: bool) -> None:
