@@ -62,6 +62,29 @@ def test_equals_fp32_attention_as_closely_as_pytorchs_bf16_kernel(shape) -> None
         assert error <= 1.5 * pytorch_error + 0.01 * w.abs().max().item(), (name, error, pytorch_error)
 
 
+@pytest.mark.parametrize(("queries", "keys"), [(5, 37), (64, 200), (1, 9), (70, 71)])
+def test_more_keys_than_queries_attend_as_the_last_positions(queries: int, keys: int) -> None:
+    """A prompt chunk after cached keys: query i sees keys 0 .. keys - queries + i. Without autograd through the
+    kernel (as close to fp32 as PyTorch's bf16 attention over the same mask); with autograd recording through
+    PyTorch, bit for bit the masked attention."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, queries, 32, generator=g)
+    k, v = (torch.randn(2, 3, keys, 32, generator=g) for _ in range(2))
+    past = keys - queries
+    mask = torch.arange(keys).unsqueeze(0) <= torch.arange(past, keys).unsqueeze(1)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.inference_mode():
+        bf16 = [t.bfloat16() for t in (q, k, v)]
+        pytorch = F.scaled_dot_product_attention(*bf16, attn_mask=mask).float()
+        got = causal_attention(*bf16).float()
+        assert module.applies(*bf16) == module.kernel_available()
+    error, pytorch_error = (got - want).abs().max().item(), (pytorch - want).abs().max().item()
+    assert error <= 1.5 * pytorch_error + 0.01, (error, pytorch_error)
+    q.requires_grad_()
+    assert not module.applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert torch.equal(causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
 def test_output_is_laid_out_for_merging_heads_and_threads_do_not_change_it() -> None:
     if not module.kernel_available():
         pytest.skip(module.unavailable_reason())
@@ -96,8 +119,12 @@ def test_bad_arguments_to_the_op_are_named() -> None:
         torch.ops.sparselm_causal.forward(q.float(), k, v, 0.25)
     with pytest.raises(RuntimeError, match="head dimension must be even"):
         torch.ops.sparselm_causal.forward(*(t[..., :15] for t in (q, k, v)), 0.25)
-    with pytest.raises(RuntimeError, match="one shape"):
-        torch.ops.sparselm_causal.forward(q, k[:, :1], v, 0.25)
+    with pytest.raises(RuntimeError, match="share B, H and D"):
+        torch.ops.sparselm_causal.forward(q, k[:, :1], v[:, :1], 0.25)
+    with pytest.raises(RuntimeError, match="fewer keys than queries"):
+        torch.ops.sparselm_causal.forward(q, k[:, :, :4], v[:, :, :4], 0.25)
+    with pytest.raises(RuntimeError, match="k and v of one shape"):
+        torch.ops.sparselm_causal.forward(q, k, v[:, :, :4], 0.25)
 
 
 def test_compiled_it_stays_in_one_graph_and_gives_the_eager_result() -> None:

@@ -158,9 +158,15 @@ struct Strides {  // element strides of a [B, H, T, D] tensor whose last dimensi
   int64_t at(int64_t batch, int64_t head) const { return batch * b + head * h; }
 };
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(),
-              "causal_attention: q, k, v must be [B, H, T, D] of one shape");
+// q [B, H, Tq, D], k and v [B, H, Tk, D] with Tk >= Tq (equal for the backward): bf16, even D, D contiguous.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool same_length) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && k.sizes() == v.sizes(),
+              "causal_attention: q, k, v must be [B, H, T, D], k and v of one shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "causal_attention: q, k, v must share B, H and D");
+  TORCH_CHECK(same_length ? k.size(2) == q.size(2) : k.size(2) >= q.size(2),
+              same_length ? "causal_attention: q, k, v must be of one shape"
+                          : "causal_attention: fewer keys than queries");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16,
               "causal_attention: q, k, v must be bf16");
@@ -173,10 +179,13 @@ at::Tensor empty_like_heads(const at::Tensor& q, at::ScalarType dtype) {  // [B,
   return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options().dtype(dtype)).transpose(1, 2);
 }
 
+// Tk keys for T queries: query i sees keys 0 .. Tk - T + i (the queries are the last T positions of the keys: a
+// prompt chunk after keys already cached; Tk == T in training).
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            double scale_d) {
-  check_inputs(q, k, v);
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Tp = round_even(T);
+  check_inputs(q, k, v, /*same_length=*/false);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Tk = k.size(2), Tp = round_even(Tk);
+  const int64_t past = Tk - T;
   const float scale = static_cast<float>(scale_d);
   at::Tensor out = empty_like_heads(q, at::kBFloat16);
   at::Tensor lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
@@ -191,14 +200,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const bf16 *qb = qp + sq.at(b, h), *kb = kp + sk.at(b, h), *vb = vp + sv.at(b, h);
-      pack_transposed(kb, sk.t, T, D, Tp, k_t.data());
-      pack_rows(vb, sv.t, T, D, v_pairs.data());
+      pack_transposed(kb, sk.t, Tk, D, Tp, k_t.data());
+      pack_rows(vb, sv.t, Tk, D, v_pairs.data());
       for (int64_t r0 = 0; r0 < T; r0 += kBlock) {
-        const int64_t rows = std::min(kBlock, T - r0), keys = r0 + rows, keys_even = round_even(keys);
+        const int64_t rows = std::min(kBlock, T - r0), keys = past + r0 + rows, keys_even = round_even(keys);
         gemm(rows, keys, D, qb + r0 * sq.t, sq.t, k_t.data(), Tp, scores.data(), Tp, false);
         std::vector<float> inv_sum(rows);
         for (int64_t i = 0; i < rows; ++i) {
-          const int64_t seen = r0 + i + 1;  // query r0 + i sees keys 0 .. r0 + i
+          const int64_t seen = past + r0 + i + 1;  // query r0 + i sees keys 0 .. past + r0 + i
           float* s = scores.data() + i * Tp;
           bf16* p = probs.data() + i * Tp;
           const float top = row_max(s, seen) * scale;  // scale > 0
@@ -223,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& out, const at::Tensor& lse,
                                                         double scale_d) {
-  check_inputs(q, k, v);
+  check_inputs(q, k, v, /*same_length=*/true);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), "causal_attention: gradient shape");
   TORCH_CHECK(grad_out.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
               "causal_attention: the output and its gradient must be bf16");

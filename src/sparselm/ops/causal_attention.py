@@ -88,17 +88,26 @@ def unavailable_reason() -> str | None:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether ``causal_attention`` of these tensors goes through the kernel: bf16 [B, H, T, D] plain CPU tensors
-    (not DTensor shards) of one shape, even D, and the kernel working on this machine."""
+    """Whether ``causal_attention`` of these tensors goes through the kernel: bf16 plain CPU tensors (not DTensor
+    shards), q [B, H, Tq, D] and k, v [B, H, Tk, D] with Tk >= Tq (Tk == Tq where autograd records), even D, and
+    the kernel working on this machine."""
     return (
         q.dim() == 4
-        and q.shape == k.shape == v.shape
+        and k.shape == v.shape
+        and k.dim() == 4
+        and q.shape[:2] == k.shape[:2]
+        and q.shape[3] == k.shape[3]
+        and (k.shape[2] == q.shape[2] or (k.shape[2] > q.shape[2] and not _records_grad(q, k, v)))
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.device.type == "cpu"
         and type(q) is type(k) is type(v) is torch.Tensor
         and q.shape[-1] % 2 == 0
         and kernel_available()
     )
+
+
+def _records_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -119,9 +128,17 @@ class _CausalAttention(torch.autograd.Function):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """``scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)`` for [B, H, T, D] tensors, through the
-    kernel where :func:`applies`, else through PyTorch. The result is laid out as [B, T, H, D] (a transposed view),
-    so merging the heads afterwards needs no copy."""
-    if not applies(q, k, v):
+    """Causal attention of queries [B, H, Tq, D] over keys and values [B, H, Tk, D], Tk >= Tq, the queries being the
+    last Tq positions (query i sees keys 0 .. Tk - Tq + i: a prompt chunk after cached keys; Tk == Tq is
+    ``scaled_dot_product_attention(q, k, v, is_causal=True)``). Through the kernel where :func:`applies`, else
+    through PyTorch. The kernel's result is laid out as [B, T, H, D] (a transposed view), so merging the heads
+    afterwards needs no copy."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if applies(q, k, v):
+        return _CausalAttention.apply(q, k, v, scale)
+    if k.shape[-2] == q.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+    past = k.shape[-2] - q.shape[-2]
+    q_pos = torch.arange(past, k.shape[-2], device=q.device).unsqueeze(1)
+    mask = torch.arange(k.shape[-2], device=q.device).unsqueeze(0) <= q_pos  # bottom-right aligned
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

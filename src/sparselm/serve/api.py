@@ -84,9 +84,9 @@ class ServerState:
             self.status = "ready"
             log.info(
                 "model %s loaded in engine process %d: %s weights, KV cache %d blocks of %d tokens in %s (%.1f MiB), "
-                "decode attention: %s, few-row matmuls: %s",
+                "prompt attention: %s, decode attention: %s, few-row matmuls: %s",
                 self.config.model_name, info.pid, info.precision, info.num_blocks, info.block_size, info.kv_dtype,
-                info.kv_bytes / 2**20, info.decode_attention, info.decode_matmuls,
+                info.kv_bytes / 2**20, info.prompt_attention, info.decode_attention, info.decode_matmuls,
             )  # fmt: skip
         except (InputError, CheckpointError, FileNotFoundError, EngineStartError) as exc:
             self._fail(str(exc))

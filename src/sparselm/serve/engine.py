@@ -30,7 +30,7 @@ from sparselm.errors import InputError
 from sparselm.model.generate import check_prompt
 from sparselm.model.moe import MoE
 from sparselm.model.transformer import Transformer
-from sparselm.ops import paged_attention, row_matmul
+from sparselm.ops import causal_attention, paged_attention, row_matmul
 from sparselm.precision import kv_cache_dtype, resolve_precision
 from sparselm.serve.kv_cache import BlockPool, PagedKVCache, ScheduledChunk, StepCache
 from sparselm.serve.params import EngineConfig, SamplingParams
@@ -89,6 +89,20 @@ def paged_kernel_refusal(cfg: ModelConfig, device: torch.device) -> str | None:
     if cfg.position in ("relative", "xl"):
         return f"model.position={cfg.position} adds a position bias the kernel does not"
     return paged_attention.unavailable_reason()
+
+
+def chunk_kernel_refusal(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype
+) -> str | None:
+    """Why prompt chunks cannot attend through the causal-attention kernel (``sparselm.ops.causal_attention``), or
+    None when they can: CPU, no position bias, bf16 weights and a bf16 cache, where the kernel builds and runs."""
+    if device.type != "cpu":
+        return f"the kernel is CPU-only (device {device.type})"
+    if cfg.position in ("relative", "xl"):
+        return f"model.position={cfg.position} adds a position bias the kernel does not"
+    if dtype != torch.bfloat16 or kv_dtype != torch.bfloat16:
+        return "the kernel is bf16-only (weights and KV cache)"
+    return causal_attention.unavailable_reason()
 
 
 def threads_for_step(setting: str, tokens: int, max_threads: int, weight_bytes: int = 0) -> int:
@@ -153,6 +167,9 @@ class Engine:
         few_rows = row_matmul.unavailable_reason() if device.type == "cpu" else f"CPU-only (device {device.type})"
         self.decode_matmuls = "sparselm few-row kernels" if few_rows is None else f"PyTorch ({few_rows})"
         self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
+        chunk_refusal = chunk_kernel_refusal(cfg, device, self.dtype, self.kv_dtype)
+        self.chunk_kernel = chunk_refusal is None
+        self.prompt_attention = "sparselm causal kernel" if self.chunk_kernel else f"PyTorch SDPA ({chunk_refusal})"
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching, keep_runs=not self.paged_kernel)
@@ -281,7 +298,7 @@ class Engine:
         device = self.device
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         pos = torch.tensor([positions], dtype=torch.long, device=device)
-        cache = StepCache(self.kv, chunks, device, self.paged_kernel)
+        cache = StepCache(self.kv, chunks, device, self.paged_kernel, self.chunk_kernel)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
         self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads, self.weight_bytes))
         t1 = time.perf_counter()

@@ -56,6 +56,7 @@ class EngineInfo:
     snapshot: EngineSnapshot
     decode_attention: str = ""  # what decoding sequences attend through, and why
     decode_matmuls: str = ""  # what a step's few-row matmuls go through, and why
+    prompt_attention: str = ""  # what prompt chunks attend through, and why
 
 
 class EngineProcess:
@@ -218,7 +219,7 @@ def run_engine(conn, ckpt: str, config: EngineConfig, threads: int, log_level: i
     info = EngineInfo(
         engine.precision, str(engine.kv_dtype).removeprefix("torch."), cfg.vocab_size, cfg.max_seq_len,
         engine.pool.num_blocks, config.block_size, engine.kv_bytes, os.getpid(), engine.snapshot(),
-        engine.decode_attention, engine.decode_matmuls,
+        engine.decode_attention, engine.decode_matmuls, engine.prompt_attention,
     )  # fmt: skip
     conn.send(("ready", info))
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sparselm.model.attention import KeyGroup
+from sparselm.ops.causal_attention import causal_attention
 from sparselm.ops.paged_attention import paged_decode_attention
 
 
@@ -254,10 +255,11 @@ class _PagedDecodes(KeyGroup):
 class _ChunkGroup(KeyGroup):
     """One sequence's prefill chunk at packed rows ``rows``; keys: all of its blocks so far."""
 
-    def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed) -> None:
+    def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed, end: int) -> None:
         super().__init__(q_pos, k_pos, allowed)
         self.rows = rows
         self.block_table = block_table  # (rows of PagedKVCache.block_rows, 1)
+        self.end = end  # keys 0 .. end - 1 are the chunk's (its own last is the end)
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return q[:, :, self.rows]
@@ -265,10 +267,19 @@ class _ChunkGroup(KeyGroup):
 
 class StepCache:
     """The model's ``AttentionCache`` for one packed forward over ``chunks`` (decoding ones, count 1, first);
-    ``paged_kernel``: the decoding sequences attend through the paged decode kernel."""
+    ``paged_kernel``: the decoding sequences attend through the paged decode kernel; ``chunk_kernel``: prompt chunks
+    attend through the causal-attention kernel (bf16), each over its sequence's keys so far."""
 
-    def __init__(self, cache: PagedKVCache, chunks: list[ScheduledChunk], device, paged_kernel: bool = False) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        chunks: list[ScheduledChunk],
+        device,
+        paged_kernel: bool = False,
+        chunk_kernel: bool = False,
+    ) -> None:
         self.cache = cache
+        self.chunk_kernel = chunk_kernel
         bs = cache.block_size
         slots = []
         for c in chunks:
@@ -308,7 +319,8 @@ class StepCache:
             q_pos = torch.arange(c.start, c.start + c.count, device=device).unsqueeze(0)
             k_pos = torch.arange(needed * bs, device=device).unsqueeze(0)
             allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [1, Tq, Tk]
-            self._groups.append(_ChunkGroup(slice(row, row + c.count), self._rows(table), q_pos, k_pos, allowed))
+            rows = slice(row, row + c.count)
+            self._groups.append(_ChunkGroup(rows, self._rows(table), q_pos, k_pos, allowed, c.start + c.count))
             row += c.count
 
     def _rows(self, table: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -344,6 +356,9 @@ class StepCache:
         return out[0], out[1]
 
     def attend(self, layer: int, group: KeyGroup, q: torch.Tensor) -> torch.Tensor | None:
+        if isinstance(group, _ChunkGroup) and self.chunk_kernel:
+            k, v = (kv[:, :, : group.end] for kv in self.keys(layer, group))
+            return causal_attention(group.queries(q), k, v)  # the chunk's queries are the last of these keys
         if not isinstance(group, _PagedDecodes):
             return None
         queries = group.queries(q)[0].transpose(0, 1)  # [S, H, hd]
