@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from sparselm.ops import paged_attention, row_matmul
+from sparselm.ops import causal_attention, paged_attention, row_matmul
 from sparselm.ops.paged_attention import paged_decode_attention, paged_decode_attention_reference
 
 pytestmark = pytest.mark.skipif(
@@ -101,7 +101,8 @@ def test_where_the_kernel_cannot_be_built_the_engine_says_why_and_keeps_sdpa(mon
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++: command not found\nmore lines")
 
-    row_matmul.kernel_available()  # built before the patch: the engine below asks for it too
+    row_matmul.kernel_available()  # built before the patch: the engine below asks for them too
+    causal_attention.kernel_available()
     try:
         paged_attention._load.cache_clear()
         monkeypatch.setattr(cpp_extension, "load", no_compiler)

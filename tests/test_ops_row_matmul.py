@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparselm.ops import linear, paged_attention, prefer_rows, row_matmul
+from sparselm.ops import causal_attention, linear, paged_attention, prefer_rows, row_matmul
 from sparselm.ops.row_matmul import applies, expert_rows, linear_rows, row_experts, use_rows
 
 pytestmark = pytest.mark.skipif(
@@ -203,7 +203,8 @@ def test_where_the_kernels_cannot_be_built_pytorch_computes(monkeypatch) -> None
         raise RuntimeError("Error building extension: c++: command not found\nmore lines")
 
     w = torch.randn(16, 8)
-    paged_attention.kernel_available()  # built before the patch: the engine below asks for it too
+    paged_attention.kernel_available()  # built before the patch: the engine below asks for them too
+    causal_attention.kernel_available()
     try:
         row_matmul._load.cache_clear()
         monkeypatch.setattr(cpp_extension, "load", no_compiler)
