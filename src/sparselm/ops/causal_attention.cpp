@@ -21,18 +21,8 @@
 
 namespace {
 
+using namespace sparselm;  // float_math.h: the scalar and AVX2 helpers
 using bf16 = c10::BFloat16;
-using sparselm::exp_approx;
-using sparselm::round_bf16;
-using sparselm::widen;
-#if SPARSELM_AVX2
-using sparselm::exp8;
-using sparselm::kVecLanes;
-using sparselm::max8;
-using sparselm::round8;
-using sparselm::sum8;
-using sparselm::widen8;
-#endif
 constexpr int64_t kBlock = 64;  // query rows per block
 
 constexpr int64_t round_even(int64_t n) { return (n + 1) / 2 * 2; }
@@ -101,18 +91,6 @@ float dot_bf16(const bf16* x, const bf16* y, int64_t n) {
 #endif
   for (; j < n; ++j) sum += widen(x[j]) * widen(y[j]);
   return sum;
-}
-
-float row_max(const float* s, int64_t n) {
-  float top = -INFINITY;
-  int64_t j = 0;
-#if SPARSELM_AVX2
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  for (; j + kVecLanes <= n; j += kVecLanes) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-  top = max8(m);
-#endif
-  for (; j < n; ++j) top = std::max(top, s[j]);
-  return top;
 }
 
 // p[j] = bf16(e^(s[j] * scale - shift)); returns the sum of the rounded values (what the product with V sums).

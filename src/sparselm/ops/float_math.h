@@ -1,9 +1,11 @@
-// The pieces the C++ ops share: bf16 <-> fp32 and a dot product of fp32 values with bf16 or fp32 ones. Header-only;
-// ops/extension.py rebuilds every op when this file changes.
+// The pieces the C++ ops share: bf16 <-> fp32, a dot product of fp32 values with bf16 or fp32 ones, exp for softmax,
+// a row's maximum, and AVX2 forms over 8 lanes. Header-only; ops/extension.py rebuilds every op when it changes.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -115,8 +117,27 @@ inline float max8(__m256 x) {
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
   return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
+
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+inline __m256 load8(const c10::BFloat16* x) { return widen8(x); }
+inline void store8(__m256 v, float* out) { _mm256_storeu_ps(out, v); }
+inline void store8(__m256 v, c10::BFloat16* out) { round8(v, out); }
 #else
 constexpr int64_t kVecLanes = 0;  // no vector part: the scalar loops do it all
 #endif
+
+// The largest of n values (bf16 or fp32) as fp32.
+template <typename T>
+inline float row_max(const T* x, int64_t n) {
+  float top = -INFINITY;
+  int64_t j = 0;
+#if SPARSELM_AVX2
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  for (; j + kVecLanes <= n; j += kVecLanes) m = _mm256_max_ps(m, load8(x + j));
+  top = max8(m);
+#endif
+  for (; j < n; ++j) top = std::max(top, widen(x[j]));
+  return top;
+}
 
 }  // namespace sparselm

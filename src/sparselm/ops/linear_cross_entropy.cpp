@@ -14,34 +14,7 @@
 
 namespace {
 
-using sparselm::exp_approx;
-using sparselm::widen;
-#if SPARSELM_AVX2
-using sparselm::exp8;
-using sparselm::kVecLanes;
-using sparselm::max8;
-using sparselm::round8;
-using sparselm::sum8;
-using sparselm::widen8;
-
-inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-inline __m256 load8(const c10::BFloat16* x) { return widen8(x); }
-inline void store8(__m256 v, float* out) { _mm256_storeu_ps(out, v); }
-inline void store8(__m256 v, c10::BFloat16* out) { round8(v, out); }
-#endif
-
-template <typename T>
-float row_max(const T* x, int64_t n) {
-  float top = -INFINITY;
-  int64_t j = 0;
-#if SPARSELM_AVX2
-  __m256 m = _mm256_set1_ps(-INFINITY);
-  for (; j + kVecLanes <= n; j += kVecLanes) m = _mm256_max_ps(m, load8(x + j));
-  top = max8(m);
-#endif
-  for (; j < n; ++j) top = std::max(top, widen(x[j]));
-  return top;
-}
+using namespace sparselm;  // float_math.h: the scalar and AVX2 helpers
 
 template <typename T>
 float row_exp_sum(const T* x, int64_t n, float shift) {
@@ -66,7 +39,7 @@ void row_softmax_scaled(T* x, int64_t n, float shift, float factor) {
   for (; j + kVecLanes <= n; j += kVecLanes)
     store8(_mm256_mul_ps(exp8(_mm256_sub_ps(load8(x + j), vshift)), vfactor), x + j);
 #endif
-  for (; j < n; ++j) sparselm::narrow(exp_approx(widen(x[j]) - shift) * factor, x + j);
+  for (; j < n; ++j) narrow(exp_approx(widen(x[j]) - shift) * factor, x + j);
 }
 
 template <typename T>
@@ -89,7 +62,7 @@ void rows(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scale
         const float factor = sp[r] / total;
         const float target_grad = exp_approx(target_logit - top) * factor - sp[r];
         row_softmax_scaled(x, vocab, top, factor);
-        sparselm::narrow(target_grad, x + target);
+        narrow(target_grad, x + target);
       }
     }
   });
