@@ -65,8 +65,8 @@ def test_equals_fp32_attention_as_closely_as_pytorchs_bf16_kernel(shape) -> None
 @pytest.mark.parametrize(("queries", "keys"), [(5, 37), (64, 200), (1, 9), (70, 71)])
 def test_more_keys_than_queries_attend_as_the_last_positions(queries: int, keys: int) -> None:
     """A prompt chunk after cached keys: query i sees keys 0 .. keys - queries + i. Without autograd through the
-    kernel (as close to fp32 as PyTorch's bf16 attention over the same mask); with autograd recording through
-    PyTorch, bit for bit the masked attention."""
+    kernel (as close to fp32 as PyTorch's bf16 attention over the same mask), except one query (a decoding step:
+    PyTorch's, unmasked); with autograd recording through PyTorch, bit for bit the masked attention."""
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 3, queries, 32, generator=g)
     k, v = (torch.randn(2, 3, keys, 32, generator=g) for _ in range(2))
@@ -77,7 +77,7 @@ def test_more_keys_than_queries_attend_as_the_last_positions(queries: int, keys:
         bf16 = [t.bfloat16() for t in (q, k, v)]
         pytorch = F.scaled_dot_product_attention(*bf16, attn_mask=mask).float()
         got = causal_attention(*bf16).float()
-        assert module.applies(*bf16) == module.kernel_available()
+        assert module.applies(*bf16) == (module.kernel_available() and queries > 1)  # one query: PyTorch's
     error, pytorch_error = (got - want).abs().max().item(), (pytorch - want).abs().max().item()
     assert error <= 1.5 * pytorch_error + 0.01, (error, pytorch_error)
     q.requires_grad_()

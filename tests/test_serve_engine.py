@@ -449,47 +449,49 @@ def test_bf16_weights_with_an_fp32_or_a_bf16_kv_cache(position: str) -> None:
 
 
 def test_prompt_chunks_attend_through_the_causal_kernel_after_cached_keys(monkeypatch) -> None:
-    """bf16 weights and cache: each prompt chunk attends through the causal-attention kernel over its sequence's
-    keys so far (chunks of 16 tokens after earlier chunks, prefix-cache hits), with the logprobs PyTorch's
-    attention gives the same engine (both round the probabilities to bf16) and a bf16 forward's within 0.05."""
-    import sparselm.serve.engine as engine_module
-    import sparselm.serve.kv_cache as kv_module
+    """bf16 weights and cache: each prompt chunk is a causal tail of its sequence's keys so far, which the model's
+    attention computes through the causal-attention kernel (chunks of 16 tokens after earlier chunks, prefix-cache
+    hits), with the logprobs PyTorch's masked attention gives the same engine (both round the probabilities to bf16)
+    and a bf16 forward's within 0.05."""
+    import sparselm.model.attention as attention_module
     from sparselm.ops import causal_attention as kernel_module
 
     if not kernel_module.kernel_available():
         pytest.skip(kernel_module.unavailable_reason())
-    shapes = []
+    calls = []
 
     def counted(q, k, v):
-        shapes.append((q.shape[2], k.shape[2]))
+        calls.append((q.shape[2], k.shape[2], kernel_module.applies(q, k, v)))
         return kernel_module.causal_attention(q, k, v)
 
-    monkeypatch.setattr(kv_module, "causal_attention", counted)
+    monkeypatch.setattr(attention_module, "causal_attention", counted)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1, prompt_logprobs=1)
     reuse = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=1)
     prompts = random_prompts(6, 11, shared=20)
     logprobs = {}
-    for kernel in (True, False):
-        if not kernel:
-            monkeypatch.setattr(engine_module, "chunk_kernel_refusal", lambda *args: "turned off by the test")
-        model = make_model("rope", init_std=0.1)
-        config = EngineConfig(precision="bf16", kv_cache_dtype="bf16", block_size=4, max_batched_tokens=16)
-        engine = Engine(model, FakeTokenizer(), config)
-        assert engine.chunk_kernel == kernel
-        assert engine.prompt_attention == (
-            "sparselm causal kernel" if kernel else "PyTorch SDPA (turned off by the test)"
-        )
-        # Odd prompts share a prefix; they reuse cached blocks only without prompt logprobs (which need every
-        # prompt position computed). The first of them runs alone, so that its blocks are cached for the others.
-        per_request = [params if i % 2 == 0 else reuse for i in range(len(prompts))]
-        seqs = engine.generate([prompts[1]], reuse) + run_interleaved(engine, prompts, per_request)
-        assert check_logprobs(model, seqs) < 0.05
-        logprobs[kernel] = [e.logprob for s in seqs for e in (s.prompt_logprobs or [None])[1:] + s.output_logprobs]
-        if kernel:
+    try:
+        for kernel in (True, False):
+            if not kernel:
+                monkeypatch.setenv("SPARSELM_CAUSAL_ATTENTION", "off")
+                kernel_module._load.cache_clear()
+            calls.clear()
+            model = make_model("rope", init_std=0.1)
+            config = EngineConfig(precision="bf16", kv_cache_dtype="bf16", block_size=4, max_batched_tokens=16)
+            engine = Engine(model, FakeTokenizer(), config)
+            off = "PyTorch SDPA (turned off by SPARSELM_CAUSAL_ATTENTION)"
+            assert engine.prompt_attention == ("sparselm causal kernel" if kernel else off)
+            # Odd prompts share a prefix; they reuse cached blocks only without prompt logprobs (which need every
+            # prompt position computed). The first of them runs alone, so that its blocks are cached for the others.
+            per_request = [params if i % 2 == 0 else reuse for i in range(len(prompts))]
+            seqs = engine.generate([prompts[1]], reuse) + run_interleaved(engine, prompts, per_request)
+            assert check_logprobs(model, seqs) < 0.05
+            logprobs[kernel] = [e.logprob for s in seqs for e in (s.prompt_logprobs or [None])[1:] + s.output_logprobs]
             assert engine.snapshot().prefix_hits > 0, "no prompt reused cached blocks"
-            assert any(tk > tq for tq, tk in shapes) and all(tk >= tq for tq, tk in shapes)
-            calls = len(shapes)
-    assert len(shapes) == calls  # turned off: no call
+            assert any(tk > tq for tq, tk, _ in calls) and all(tk >= tq for tq, tk, _ in calls)
+            assert all(used == kernel for _, _, used in calls)
+    finally:
+        monkeypatch.delenv("SPARSELM_CAUSAL_ATTENTION", raising=False)
+        kernel_module._load.cache_clear()
     assert max(abs(a - b) for a, b in zip(logprobs[True], logprobs[False], strict=True)) < 0.05
 
 

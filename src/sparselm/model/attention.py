@@ -39,17 +39,29 @@ class KeyGroup:
     """Queries that meet their keys in one attention call, and the positions their mask and biases come from.
 
     ``allowed`` [B, Tq, Tk] says which keys each query sees (None: every key the cache gives the group, no mask, so
-    attention takes its unmasked fast path); ``q_positions`` [B, Tq] and ``k_positions`` [B, Tk] give the distances
-    for relative biases. ``queries`` takes the group's queries [B, H, Tq, hd] out of the
-    forward's [B', H, T, hd] queries and ``outputs`` puts the group's attention output back in that layout;
-    the outputs of a forward's groups, concatenated along the token axis in order, make its whole output.
+    attention takes its unmasked fast path); ``causal_tail`` says that ``allowed`` is plain causal attention with
+    the queries as the last Tq of the Tk keys (query i sees keys 0 .. Tk - Tq + i, no padding), which attention
+    then computes without a mask where the position type adds no bias; ``q_positions`` [B, Tq] and
+    ``k_positions`` [B, Tk] give the distances for relative biases. ``queries`` takes the group's queries
+    [B, H, Tq, hd] out of the forward's [B', H, T, hd] queries and ``outputs`` puts the group's attention output back
+    in that layout; the outputs of a forward's groups, concatenated along the token axis in order, make its whole
+    output.
     This base class is the one-group case: the whole input, as it is.
     """
 
-    def __init__(self, q_positions: torch.Tensor, k_positions: torch.Tensor, allowed: torch.Tensor | None) -> None:
+    causal_tail: bool = False
+
+    def __init__(
+        self,
+        q_positions: torch.Tensor,
+        k_positions: torch.Tensor,
+        allowed: torch.Tensor | None,
+        causal_tail: bool = False,
+    ) -> None:
         self.q_positions = q_positions
         self.k_positions = k_positions
         self.allowed = allowed
+        self.causal_tail = causal_tail
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return q
@@ -105,8 +117,9 @@ class KVCache:
     def groups(self, positions: torch.Tensor, valid: torch.Tensor) -> list[KeyGroup]:
         self.append_meta(positions, valid)
         end = self.length + positions.shape[1]
-        allowed = causal_slots(self.length, positions.shape[1], self.valid[:, :end])
-        return [KeyGroup(positions, self.positions[:, :end], allowed)]
+        valid = self.valid[:, :end]
+        allowed = causal_slots(self.length, positions.shape[1], valid)
+        return [KeyGroup(positions, self.positions[:, :end], allowed, causal_tail=bool(valid.all()))]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         end = self.length + k.shape[2]
@@ -178,7 +191,7 @@ class Attention(nn.Module):
         """Without a cache, ``attn_bias`` is an additive float mask [B or 1, H or 1, Tq, Tk] (None means plain
         causal) and ``distance`` [B, Tq, Tk] holds query-minus-key positions (clamped at 0) for ``xl``. With a
         cache, every (group, bias, distance) of ``groups`` is one attention call over the keys the cache holds (no
-        bias: the group's queries see all of those keys)."""
+        bias: the group's queries see all of those keys, or, for a ``causal_tail`` group, each its keys so far)."""
         q, k, v = self._heads(self.q_proj(x)), self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -199,7 +212,10 @@ class Attention(nn.Module):
                             k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
                         else:
                             q_group = q_group.to(k_all.dtype)
-                    y_group = self._attend(q_group, k_all, v_all, bias, dist, causal=False).to(q.dtype)
+                    if bias is None and group.causal_tail:
+                        y_group = causal_attention(q_group, k_all, v_all).to(q.dtype)
+                    else:
+                        y_group = self._attend(q_group, k_all, v_all, bias, dist, causal=False).to(q.dtype)
                 outputs.append(group.outputs(y_group))
             y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return self.o_proj(y.transpose(1, 2).flatten(-2))

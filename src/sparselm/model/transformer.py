@@ -173,7 +173,11 @@ class Transformer(nn.Module):
             kwargs["rope"] = rope_cos_sin(positions, cfg.d_model // cfg.n_heads, cfg.rope_theta)
         if cache is not None:
             groups = cache.groups(positions, valid)
-            kwargs["groups"] = [(g, *self._bias(g.q_positions, g.k_positions, g.allowed)) for g in groups]
+            plain = cfg.position not in ("relative", "xl")  # a causal tail needs no mask: attention knows it
+            masks = [None if plain and g.causal_tail else g.allowed for g in groups]
+            kwargs["groups"] = [
+                (g, *self._bias(g.q_positions, g.k_positions, m)) for g, m in zip(groups, masks, strict=True)
+            ]
             return kwargs
         if bool(valid.all()) and cfg.position not in ("relative", "xl"):
             return kwargs  # plain causal attention: SDPA's is_causal fast path

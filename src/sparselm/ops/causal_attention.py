@@ -89,15 +89,16 @@ def unavailable_reason() -> str | None:
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``causal_attention`` of these tensors goes through the kernel: bf16 plain CPU tensors (not DTensor
-    shards), q [B, H, Tq, D] and k, v [B, H, Tk, D] with Tk >= Tq (Tk == Tq where autograd records), even D, and
-    the kernel working on this machine."""
+    shards), q [B, H, Tq, D] and k, v [B, H, Tk, D] with Tk >= Tq (Tk == Tq where autograd records; one query over
+    more keys, a decoding step, reads them faster through PyTorch's kernel than through a repacked copy), even D,
+    and the kernel working on this machine."""
     return (
         q.dim() == 4
         and k.shape == v.shape
         and k.dim() == 4
         and q.shape[:2] == k.shape[:2]
         and q.shape[3] == k.shape[3]
-        and (k.shape[2] == q.shape[2] or (k.shape[2] > q.shape[2] and not _records_grad(q, k, v)))
+        and (k.shape[2] == q.shape[2] or (1 < q.shape[2] < k.shape[2] and not _records_grad(q, k, v)))
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.device.type == "cpu"
         and type(q) is type(k) is type(v) is torch.Tensor
@@ -138,6 +139,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         return _CausalAttention.apply(q, k, v, scale)
     if k.shape[-2] == q.shape[-2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q.shape[-2] == 1:  # the last position sees every key: no mask
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     past = k.shape[-2] - q.shape[-2]
     q_pos = torch.arange(past, k.shape[-2], device=q.device).unsqueeze(1)
     mask = torch.arange(k.shape[-2], device=q.device).unsqueeze(0) <= q_pos  # bottom-right aligned

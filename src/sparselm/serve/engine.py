@@ -94,8 +94,9 @@ def paged_kernel_refusal(cfg: ModelConfig, device: torch.device) -> str | None:
 def chunk_kernel_refusal(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype
 ) -> str | None:
-    """Why prompt chunks cannot attend through the causal-attention kernel (``sparselm.ops.causal_attention``), or
-    None when they can: CPU, no position bias, bf16 weights and a bf16 cache, where the kernel builds and runs."""
+    """Why prompt chunks do not attend through the causal-attention kernel (``sparselm.ops.causal_attention``, which
+    the model's attention takes for them by itself), or None when they do: CPU, no position bias, bf16 weights and
+    a bf16 cache, where the kernel builds and runs."""
     if device.type != "cpu":
         return f"the kernel is CPU-only (device {device.type})"
     if cfg.position in ("relative", "xl"):
@@ -168,8 +169,7 @@ class Engine:
         self.decode_matmuls = "sparselm few-row kernels" if few_rows is None else f"PyTorch ({few_rows})"
         self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
         chunk_refusal = chunk_kernel_refusal(cfg, device, self.dtype, self.kv_dtype)
-        self.chunk_kernel = chunk_refusal is None
-        self.prompt_attention = "sparselm causal kernel" if self.chunk_kernel else f"PyTorch SDPA ({chunk_refusal})"
+        self.prompt_attention = "sparselm causal kernel" if chunk_refusal is None else f"PyTorch SDPA ({chunk_refusal})"
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching, keep_runs=not self.paged_kernel)
@@ -298,7 +298,7 @@ class Engine:
         device = self.device
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         pos = torch.tensor([positions], dtype=torch.long, device=device)
-        cache = StepCache(self.kv, chunks, device, self.paged_kernel, self.chunk_kernel)
+        cache = StepCache(self.kv, chunks, device, self.paged_kernel)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
         self._use_threads(threads_for_step(self.config.step_threads, len(ids), self.max_threads, self.weight_bytes))
         t1 = time.perf_counter()

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from sparselm.model.attention import KeyGroup
-from sparselm.ops.causal_attention import causal_attention
 from sparselm.ops.paged_attention import paged_decode_attention
 
 
@@ -253,13 +252,13 @@ class _PagedDecodes(KeyGroup):
 
 
 class _ChunkGroup(KeyGroup):
-    """One sequence's prefill chunk at packed rows ``rows``; keys: all of its blocks so far."""
+    """One sequence's prefill chunk at packed rows ``rows``; keys: its tokens so far, the chunk's own last (a causal
+    tail: attention needs no mask where the position type adds no bias)."""
 
-    def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed, end: int) -> None:
-        super().__init__(q_pos, k_pos, allowed)
+    def __init__(self, rows: slice, block_table: torch.Tensor, q_pos, k_pos, allowed) -> None:
+        super().__init__(q_pos, k_pos, allowed, causal_tail=True)
         self.rows = rows
-        self.block_table = block_table  # (rows of PagedKVCache.block_rows, 1)
-        self.end = end  # keys 0 .. end - 1 are the chunk's (its own last is the end)
+        self.block_table = block_table  # (rows of PagedKVCache.block_rows, 1): whole blocks, cut to k_pos's length
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         return q[:, :, self.rows]
@@ -267,19 +266,10 @@ class _ChunkGroup(KeyGroup):
 
 class StepCache:
     """The model's ``AttentionCache`` for one packed forward over ``chunks`` (decoding ones, count 1, first);
-    ``paged_kernel``: the decoding sequences attend through the paged decode kernel; ``chunk_kernel``: prompt chunks
-    attend through the causal-attention kernel (bf16), each over its sequence's keys so far."""
+    ``paged_kernel``: the decoding sequences attend through the paged decode kernel."""
 
-    def __init__(
-        self,
-        cache: PagedKVCache,
-        chunks: list[ScheduledChunk],
-        device,
-        paged_kernel: bool = False,
-        chunk_kernel: bool = False,
-    ) -> None:
+    def __init__(self, cache: PagedKVCache, chunks: list[ScheduledChunk], device, paged_kernel: bool = False) -> None:
         self.cache = cache
-        self.chunk_kernel = chunk_kernel
         bs = cache.block_size
         slots = []
         for c in chunks:
@@ -317,10 +307,9 @@ class StepCache:
             needed = (c.start + c.count + bs - 1) // bs
             table = torch.tensor([c.blocks[:needed]], device=device)
             q_pos = torch.arange(c.start, c.start + c.count, device=device).unsqueeze(0)
-            k_pos = torch.arange(needed * bs, device=device).unsqueeze(0)
+            k_pos = torch.arange(c.start + c.count, device=device).unsqueeze(0)
             allowed = k_pos.unsqueeze(1) <= q_pos.unsqueeze(2)  # [1, Tq, Tk]
-            rows = slice(row, row + c.count)
-            self._groups.append(_ChunkGroup(rows, self._rows(table), q_pos, k_pos, allowed, c.start + c.count))
+            self._groups.append(_ChunkGroup(slice(row, row + c.count), self._rows(table), q_pos, k_pos, allowed))
             row += c.count
 
     def _rows(self, table: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -349,16 +338,16 @@ class StepCache:
             end = group.offset + group.length
             return tuple(kv[None, :, group.offset : end] for kv in self._gathered)  # [1, H, length, hd]
         rows, batch = group.block_table  # type: ignore[attr-defined]
+        length = group.k_positions.shape[1]
         out = []
         for which in ("k", "v"):
             gathered = self.cache.gather(layer, which, rows)  # [H * B * W, bs * hd]
-            out.append(gathered.view(self.cache.n_heads, batch, -1, hd).transpose(0, 1))  # [B, H, W * bs, hd]
+            out.append(
+                gathered.view(self.cache.n_heads, batch, -1, hd).transpose(0, 1)[:, :, :length]
+            )  # [B, H, Tk, hd]
         return out[0], out[1]
 
     def attend(self, layer: int, group: KeyGroup, q: torch.Tensor) -> torch.Tensor | None:
-        if isinstance(group, _ChunkGroup) and self.chunk_kernel:
-            k, v = (kv[:, :, : group.end] for kv in self.keys(layer, group))
-            return causal_attention(group.queries(q), k, v)  # the chunk's queries are the last of these keys
         if not isinstance(group, _PagedDecodes):
             return None
         queries = group.queries(q)[0].transpose(0, 1)  # [S, H, hd]
