@@ -85,6 +85,30 @@ def test_more_keys_than_queries_attend_as_the_last_positions(queries: int, keys:
     assert torch.equal(causal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+def test_many_prompt_lengths_do_not_grow_memory() -> None:
+    """oneDNN keeps a compiled kernel per product shape: the forward's shapes are bucketed so that a server seeing
+    every prompt length does not keep one per length (measured over these 400 lengths: +61 MB unbucketed, +35 MB
+    with only the query rows fixed, +4 MB bucketed)."""
+    if not module.kernel_available():
+        pytest.skip(module.unavailable_reason())
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        pytest.skip("no /proc/self/statm to read the resident set from")
+
+    def resident_mb() -> float:
+        return int(statm.read_text().split()[1]) * 4096 / 2**20
+
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        causal_attention(*(torch.randn(1, 2, 5, 64, generator=g).bfloat16() for _ in range(3)))
+        before = resident_mb()
+        for keys in range(20, 420):
+            q = torch.randn(1, 2, 2 + keys % 37, 64, generator=g).bfloat16()
+            k = torch.randn(1, 2, keys, 64, generator=g).bfloat16()
+            causal_attention(q, k, k)
+    assert resident_mb() - before < 20
+
+
 def test_output_is_laid_out_for_merging_heads_and_threads_do_not_change_it() -> None:
     if not module.kernel_available():
         pytest.skip(module.unavailable_reason())
