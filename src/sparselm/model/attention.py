@@ -1,8 +1,8 @@
 """Causal multi-head self-attention, with an optional KV cache.
 
-Plain causal attention (no bias, no dropout) goes through ``sparselm.ops.causal_attention``: a C++ kernel for bf16
-on CPU, ``scaled_dot_product_attention`` elsewhere; masks, biases and cached keys go through
-``scaled_dot_product_attention``.
+Plain causal attention (no bias, no dropout; with a cache, a group of queries that are the last positions of their
+keys) goes through ``sparselm.ops.causal_attention``: a C++ kernel for bf16 on CPU, ``scaled_dot_product_attention``
+elsewhere; masks and biases go through ``scaled_dot_product_attention``.
 
 Position information enters in one of three ways here (learned absolute embeddings live in the transformer):
 - ``rope``: rotary embeddings applied to queries and keys;

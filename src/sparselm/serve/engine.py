@@ -91,7 +91,7 @@ def paged_kernel_refusal(cfg: ModelConfig, device: torch.device) -> str | None:
     return paged_attention.unavailable_reason()
 
 
-def chunk_kernel_refusal(
+def prompt_kernel_refusal(
     cfg: ModelConfig, device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype
 ) -> str | None:
     """Why prompt chunks do not attend through the causal-attention kernel (``sparselm.ops.causal_attention``, which
@@ -168,8 +168,8 @@ class Engine:
         few_rows = row_matmul.unavailable_reason() if device.type == "cpu" else f"CPU-only (device {device.type})"
         self.decode_matmuls = "sparselm few-row kernels" if few_rows is None else f"PyTorch ({few_rows})"
         self.kv_dtype = kv_cache_dtype(self.dtype, device, config.kv_cache_dtype, self.paged_kernel)
-        chunk_refusal = chunk_kernel_refusal(cfg, device, self.dtype, self.kv_dtype)
-        self.prompt_attention = "sparselm causal kernel" if chunk_refusal is None else f"PyTorch SDPA ({chunk_refusal})"
+        refusal = prompt_kernel_refusal(cfg, device, self.dtype, self.kv_dtype)
+        self.prompt_attention = "sparselm causal kernel" if refusal is None else f"PyTorch SDPA ({refusal})"
         num_blocks, per_block = kv_cache_blocks(cfg, config, self.kv_dtype)
         bs = config.block_size
         self.pool = BlockPool(num_blocks, config.prefix_caching, keep_runs=not self.paged_kernel)
