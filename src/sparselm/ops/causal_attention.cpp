@@ -2,7 +2,8 @@
 // GEMM (bf16 inputs, fp32 results), softmax and its gradient in fp32 between them. See causal_attention.py.
 //
 // One task per (batch, head). A task walks its queries in blocks of kBlock rows; a block's queries see keys
-// 0 .. its last row (the causal triangle, nothing above it computed). Softmax is taken over a block's whole key
+// 0 .. its last row (the causal triangle, nothing above it computed; in the forward the queries may be the last
+// positions of more keys, as a prompt chunk after cached keys). Softmax is taken over a block's whole key
 // range at once (no running rescale): the scores of a block fit in the L2 cache for contexts of a few thousand.
 // The forward returns the log-sum-exp of every query's scores; the backward recomputes the probabilities from it.
 #include <ATen/ATen.h>
@@ -184,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> k_t(D * Tp), v_pairs(Tp * D), probs(kBlock * Tp), q_block(kBlock * D);  // zero-filled
-    std::vector<float> scores(kBlock * Tp), acc(kBlock * D);
+    std::vector<float> scores(kBlock * Tp), acc(kBlock * D), inv_sum(kBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H;
       const bf16 *qb = qp + sq.at(b, h), *kb = kp + sk.at(b, h), *vb = vp + sv.at(b, h);
@@ -196,7 +197,6 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
         const int64_t rows = std::min(kBlock, T - r0), keys = past + r0 + rows, keys_even = round_up(keys, kBlock);
         for (int64_t i = 0; i < rows; ++i) std::copy_n(qb + (r0 + i) * sq.t, D, q_block.data() + i * D);
         gemm(kBlock, keys_even, D, q_block.data(), D, k_t.data(), Tp, scores.data(), Tp, false);
-        std::vector<float> inv_sum(rows);
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t seen = past + r0 + i + 1;  // query r0 + i sees keys 0 .. past + r0 + i
           float* s = scores.data() + i * Tp;
