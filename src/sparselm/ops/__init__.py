@@ -4,8 +4,8 @@
 - ``dispatch`` / ``combine``: tokens to expert-sorted rows and back, as gathers where possible
   (``dispatch.py``, ``combine.py``);
 - ``ExpertLoop``: the CPU expert FFN kernel, a custom autograd Function walking the experts (``expert_loop.py``),
-  with its settings (``settings.py``), its thread groups (``thread_groups.py``) and its recycled gradient memory
-  (``grad_buffers.py``);
+  with its settings (``settings.py``), its thread groups (``thread_groups.py``), its recycled gradient memory
+  (``grad_buffers.py``) and its rows padded for oneDNN (``row_alignment.py``);
 - ``grouped_experts`` / ``grouped_matmul``: the same FFN through ``torch.nn.functional.grouped_mm`` (``grouped_mm.py``);
 - ``padded_experts`` / ``prefer_padded``: the same FFN as batched matmuls over rows padded per expert, for inference
   with few rows per expert, and the rule for when it pays (``padded_experts.py``);

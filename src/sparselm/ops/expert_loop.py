@@ -5,7 +5,9 @@ the kernel do all of one expert's work while its weights and rows are in cache, 
 cost grows with the total parameter count: it casts fp32 master weights to the compute dtype one expert at a time,
 writes the fp32 weight gradients in place into recycled memory (:mod:`sparselm.ops.grad_buffers`), recomputes the
 activation in the backward instead of saving it, and folds the gate weights into the expert outputs. The experts
-may be split over threads (:mod:`sparselm.ops.thread_groups`); the result is bitwise the serial loop's.
+may be split over threads (:mod:`sparselm.ops.thread_groups`); the result is bitwise the serial loop's. In bf16 and
+fp16 each expert's rows are padded to a multiple of a few rows (:mod:`sparselm.ops.row_alignment`), which keeps the
+GEMM shapes oneDNN compiles kernels for few.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparselm.ops.grad_buffers import GradBuffers
+from sparselm.ops.row_alignment import AlignedRows
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads
 
@@ -49,6 +53,14 @@ class ExpertLoop:
         return _ExpertLoopFunction.apply(self, x, gates, counts.tolist(), w_up, w_gate, w_down, b_up, b_down)
 
 
+def _aligned(op: ExpertLoop, x: torch.Tensor, counts: list[int]) -> AlignedRows:
+    """The padded layout for oneDNN's GEMMs (bf16/fp16 on CPU); under a dispatch mode (fake tensors, FLOP counting)
+    nothing is compiled and the real rows are what counts."""
+    through_onednn = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+    multiple = op.settings.align_rows if through_onednn and _get_current_dispatch_mode() is None else 1
+    return AlignedRows.of(counts, multiple, x.device)
+
+
 @functools.cache
 def default_expert_loop() -> ExpertLoop:
     """The process's loop kernel, its settings read from the environment once (see ``ExpertLoopSettings``)."""
@@ -60,11 +72,14 @@ class _ExpertLoopFunction(torch.autograd.Function):
     ``y_r = gate_r * ((silu(g) * u) W_down[e] (+ b_down))`` (GELU: ``gelu(u)`` instead of ``silu(g) * u``).
     Saved: x, u, g (the pre-activations, in the compute dtype). The activation is recomputed in the backward: two
     cheap elementwise passes over rows that are in cache anyway, instead of two more [M, f] tensors in memory.
+    Both passes run on the padded layout of ``_aligned`` (zero rows, zero gates), dropping the padding at the end.
     """
 
     @staticmethod
     def forward(ctx, op: ExpertLoop, x, gates, counts, w_up, w_gate, w_down, b_up, b_down):
         cd = x.dtype  # compute dtype; the weights may be fp32 masters (autocast) and are cast one expert at a time
+        layout = _aligned(op, x, counts)
+        x, gates, counts = layout.spread(x), layout.spread(gates), layout.counts
         m = x.shape[0]
         f = w_up.shape[-1]
         gated = w_gate is not None
@@ -92,10 +107,11 @@ class _ExpertLoopFunction(torch.autograd.Function):
 
             op.threads.run(expert, counts)
         ctx.op = op
+        ctx.layout = layout
         ctx.counts = counts
         ctx.has_bias = (b_up is not None, b_down is not None)
         ctx.save_for_backward(x, gates, h_up, h_gate, w_up, w_gate, w_down, b_down)
-        return y
+        return layout.gather(y)
 
     @staticmethod
     @once_differentiable
@@ -109,7 +125,7 @@ class _ExpertLoopFunction(torch.autograd.Function):
         gated = w_gate is not None
         num_experts, _, f = w_up.shape
         with torch.autocast(x.device.type, enabled=False):
-            dy = dy.to(cd)
+            dy = ctx.layout.spread(dy.to(cd))
             g_up = op.grad_buffers.get(w_up)
             g_gate = op.grad_buffers.get(w_gate) if gated else None
             g_down = op.grad_buffers.get(w_down)
@@ -170,4 +186,4 @@ class _ExpertLoopFunction(torch.autograd.Function):
                     gb_down[e] = dye.sum(0, dtype=torch.float32)
 
             op.threads.run(expert, ctx.counts)
-        return None, dx, dgates, None, g_up, g_gate, g_down, gb_up, gb_down
+        return None, ctx.layout.gather(dx), ctx.layout.gather(dgates), None, g_up, g_gate, g_down, gb_up, gb_down

@@ -19,18 +19,24 @@ class ExpertLoopSettings:
     0 = one group per torch intra-op thread, but only when the experts average fewer than ``split_below_rows`` rows
     (bigger experts keep every thread busy inside their own GEMMs); 1 = the serial loop.
     ``reuse_grad_buffers``: write expert weight gradients into memory recycled from earlier steps (CPU only).
+    ``align_rows``: in bf16 and fp16 on CPU, round every expert's rows up to a multiple of this with zero rows, so
+    that oneDNN meets few GEMM shapes and compiles none after the first steps (:mod:`sparselm.ops.row_alignment`);
+    1 = no padding.
     docs/benchmarks.md ("The MoE expert kernel") has the measurements behind the defaults.
     """
 
     threads: int = 0
     split_below_rows: int = 1024
     reuse_grad_buffers: bool = True
+    align_rows: int = 32
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ConfigError(f"expert loop threads must be >= 0 (0 = automatic), got {self.threads}")
         if self.split_below_rows < 0:
             raise ConfigError(f"expert loop split_below_rows must be >= 0, got {self.split_below_rows}")
+        if self.align_rows < 1:
+            raise ConfigError(f"expert loop align_rows must be >= 1 (1 = no padding), got {self.align_rows}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> ExpertLoopSettings:
