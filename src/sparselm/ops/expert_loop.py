@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparselm.ops.grad_buffers import GradBuffers
-from sparselm.ops.row_alignment import AlignedRows
+from sparselm.ops.row_alignment import AlignedRows, alignment_for
 from sparselm.ops.settings import ExpertLoopSettings
 from sparselm.ops.thread_groups import ExpertThreads
 
@@ -57,8 +57,8 @@ def _aligned(op: ExpertLoop, x: torch.Tensor, counts: list[int]) -> AlignedRows:
     """The padded layout for oneDNN's GEMMs (bf16/fp16 on CPU); under a dispatch mode (fake tensors, FLOP counting)
     nothing is compiled and the real rows are what counts."""
     through_onednn = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-    multiple = op.settings.align_rows if through_onednn and _get_current_dispatch_mode() is None else 1
-    return AlignedRows.of(counts, multiple, x.device)
+    padded = through_onednn and _get_current_dispatch_mode() is None
+    return AlignedRows.of(counts, alignment_for(counts, op.settings.align_rows) if padded else 1, x.device)
 
 
 @functools.cache

@@ -6,7 +6,8 @@ kept meeting GEMM shapes it had never seen and paid for compiling them: about 40
 default model's shape (docs/benchmarks.md, "Expert row counts and oneDNN's kernel cache"). With every expert's
 rows rounded up to a multiple of ``multiple``, a few dozen shapes per GEMM cover all routings and stay cached.
 The padding rows are zero in the inputs and the gates and are dropped from the outputs, so they add exactly zero
-to every gradient.
+to every gradient. Small experts are not padded: below a few hundred rows the padding cost more than new shapes did
+(:func:`alignment_for`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Measured on the loop with new row counts at every call (docs/benchmarks.md, "Expert row counts and oneDNN's kernel
+# cache"): no padding below ~256 rows per expert on average, then the mean's sixteenth, rounded down to a power of two.
+MIN_MEAN_ROWS = 256
+MEAN_ROWS_PER_STEP = 16
+
+
+def alignment_for(counts: list[int], largest: int) -> int:
+    """The multiple to pad these experts' rows to (1: none), at most ``largest``."""
+    busy = [n for n in counts if n]
+    if not busy or largest <= 1:
+        return 1
+    mean = sum(busy) / len(busy)
+    if mean < MIN_MEAN_ROWS:
+        return 1
+    step = 1 << (int(mean // MEAN_ROWS_PER_STEP).bit_length() - 1)
+    return min(step, 1 << (largest.bit_length() - 1))
 
 
 @dataclass(frozen=True)
