@@ -3,8 +3,9 @@ the chunked output layer + cross-entropy at the training benchmark's (nanoGPT's)
 
 Each op is timed alone, forward + backward where it has one: ``permute`` (sort by expert, dropless and with a
 capacity), ``dispatch`` and ``combine`` (gathers), and the expert FFN kernels: ``ExpertLoop`` with its default
-settings, without the thread-group split (every GEMM on all threads), without gradient-buffer recycling, and
-``grouped_experts`` and ``padded_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert).
+settings, without the thread-group split (every GEMM on all threads), without gradient-buffer recycling, with a new
+routing at every call as in training (with and without its rows padded for oneDNN), and ``grouped_experts`` and
+``padded_experts``. Tokens are routed top-k by a random router (about T*k/E rows per expert).
 Then the expert kernels for inference (forward only, under ``torch.inference_mode``, weights held in the row's dtype
 as a serving engine holds them) at a few token counts (``--inference-tokens``): the loop against the padded kernel,
 with the kernel ``Experts`` would pick (``prefer_padded``). Then
@@ -83,6 +84,22 @@ def expert_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Call
 
         return step
 
+    # Training re-routes at every step, so every expert's row count is new at every call (oneDNN compiles a bf16
+    # GEMM kernel per shape): a fresh routing of the same tokens per call, never repeated within a run.
+    routings = iter(
+        [
+            torch.bincount(torch.randn(t, e, generator=gen).topk(k, dim=-1).indices.flatten(), minlength=e)
+            for _ in range(2 * (args.repeats + 1))  # two rows, a warm-up and the rounds each
+        ]
+    )
+
+    def ffn_rerouted(kernel: Callable) -> Callable[[], None]:
+        def step() -> None:
+            clear()
+            kernel(rows, gates, next(routings), w_up, w_gate, w_down, None, None).backward(up_rows)
+
+        return step
+
     def dispatch_step() -> None:
         clear()
         dispatch(x, perm).backward(up_rows)
@@ -99,6 +116,10 @@ def expert_steps(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Call
         "expert_loop (default settings)": ffn(ExpertLoop(ExpertLoopSettings())),
         "expert_loop, threads=1 (no split)": ffn(ExpertLoop(ExpertLoopSettings(threads=1))),
         "expert_loop, reuse_grad_buffers=False": ffn(ExpertLoop(ExpertLoopSettings(reuse_grad_buffers=False))),
+        "expert_loop, new routing at every call": ffn_rerouted(ExpertLoop(ExpertLoopSettings())),
+        "expert_loop, align_rows=1, new routing at every call": ffn_rerouted(
+            ExpertLoop(ExpertLoopSettings(align_rows=1))
+        ),
         "grouped_experts (grouped_mm)": ffn(grouped_experts),
         "padded_experts (plain autograd)": ffn(padded_experts),
     }
