@@ -40,9 +40,10 @@ def test_aligned_counts_need_no_layout() -> None:
     assert AlignedRows.of(COUNTS, 1).rows is None
 
 
-def test_only_experts_of_a_few_hundred_rows_are_padded() -> None:
-    assert alignment_for([64] * 8, 32) == 1  # small experts: padding would cost more than it saves
-    assert alignment_for([255, 0, 255], 32) == 1
+def test_the_multiple_follows_the_mean_rows() -> None:
+    assert alignment_for([31, 0, 20], 32) == 1  # a few rows: nothing to gain
+    assert alignment_for([64] * 8, 32) == 4
+    assert alignment_for([255, 0, 255], 32) == 8
     assert alignment_for(BIG_COUNTS, 32) == 16
     assert alignment_for([512, 512], 32) == 32
     assert alignment_for([4096] * 4, 32) == 32  # at most the setting

@@ -6,8 +6,8 @@ kept meeting GEMM shapes it had never seen and paid for compiling them: about 40
 default model's shape (docs/benchmarks.md, "Expert row counts and oneDNN's kernel cache"). With every expert's
 rows rounded up to a multiple of ``multiple``, a few dozen shapes per GEMM cover all routings and stay cached.
 The padding rows are zero in the inputs and the gates and are dropped from the outputs, so they add exactly zero
-to every gradient. Small experts are not padded: below a few hundred rows the padding cost more than new shapes did
-(:func:`alignment_for`).
+to every gradient. The multiple grows with the experts' mean rows (:func:`alignment_for`), so that the padding stays
+a few percent of the rows.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Measured on the loop with new row counts at every call (docs/benchmarks.md, "Expert row counts and oneDNN's kernel
-# cache"): no padding below ~256 rows per expert on average, then the mean's sixteenth, rounded down to a power of two.
-MIN_MEAN_ROWS = 256
+# Measured on the loop and in training steps with new row counts at every step (docs/benchmarks.md, "Expert row counts
+# and oneDNN's kernel cache"): the mean's sixteenth, rounded down to a power of two; no padding below 32 rows.
+MIN_MEAN_ROWS = 32
 MEAN_ROWS_PER_STEP = 16
 
 

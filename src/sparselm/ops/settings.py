@@ -20,8 +20,8 @@ class ExpertLoopSettings:
     (bigger experts keep every thread busy inside their own GEMMs); 1 = the serial loop.
     ``reuse_grad_buffers``: write expert weight gradients into memory recycled from earlier steps (CPU only).
     ``align_rows``: in bf16 and fp16 on CPU, round every expert's rows up to a multiple of at most this with zero
-    rows, so that oneDNN meets few GEMM shapes and compiles none after the first steps; experts averaging fewer than
-    256 rows are not padded (:func:`sparselm.ops.row_alignment.alignment_for`); 1 = never pad.
+    rows, so that oneDNN meets few GEMM shapes and compiles none after the first steps; the multiple follows the
+    experts' mean rows (:func:`sparselm.ops.row_alignment.alignment_for`); 1 = never pad.
     docs/benchmarks.md ("The MoE expert kernel") has the measurements behind the defaults.
     """
 
