@@ -19,7 +19,7 @@ import torch
 # Measured on the loop and in training steps with new row counts at every step (docs/benchmarks.md, "Expert row counts
 # and oneDNN's kernel cache"): the mean's sixteenth, rounded down to a power of two; no padding below 32 rows.
 MIN_MEAN_ROWS = 32
-MEAN_ROWS_PER_STEP = 16
+MEAN_OVER_MULTIPLE = 16
 
 
 def alignment_for(counts: list[int], largest: int) -> int:
@@ -30,8 +30,8 @@ def alignment_for(counts: list[int], largest: int) -> int:
     mean = sum(busy) / len(busy)
     if mean < MIN_MEAN_ROWS:
         return 1
-    step = 1 << (int(mean // MEAN_ROWS_PER_STEP).bit_length() - 1)
-    return min(step, 1 << (largest.bit_length() - 1))
+    multiple = 1 << (int(mean // MEAN_OVER_MULTIPLE).bit_length() - 1)
+    return min(multiple, 1 << (largest.bit_length() - 1))
 
 
 @dataclass(frozen=True)
