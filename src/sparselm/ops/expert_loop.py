@@ -108,7 +108,6 @@ class _ExpertLoopFunction(torch.autograd.Function):
             op.threads.run(expert, counts)
         ctx.op = op
         ctx.layout = layout
-        ctx.counts = counts
         ctx.has_bias = (b_up is not None, b_down is not None)
         ctx.save_for_backward(x, gates, h_up, h_gate, w_up, w_gate, w_down, b_down)
         return layout.gather(y)
@@ -134,7 +133,7 @@ class _ExpertLoopFunction(torch.autograd.Function):
             dx = torch.empty_like(x) if need_x else None
             dgates = torch.empty_like(gates) if gates is not None and need_gates else None
             gates_c = gates.to(cd).unsqueeze(-1) if gates is not None else None
-            for e, n in enumerate(ctx.counts):
+            for e, n in enumerate(ctx.layout.counts):
                 if n == 0:
                     # An expert without rows still owns a gradient: an exact zero.
                     for g_w in (g_up, g_gate, g_down):
@@ -185,5 +184,5 @@ class _ExpertLoopFunction(torch.autograd.Function):
                 if gb_down is not None:
                     gb_down[e] = dye.sum(0, dtype=torch.float32)
 
-            op.threads.run(expert, ctx.counts)
+            op.threads.run(expert, ctx.layout.counts)
         return None, ctx.layout.gather(dx), ctx.layout.gather(dgates), None, g_up, g_gate, g_down, gb_up, gb_down
