@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sparselm"
 LAYERS = {
     "errors": 0, "corpus": 0,
     "config": 1, "config_loader": 1,
-    "data": 2, "ops": 2, "precision": 2, "optim": 2, "params": 2,
+    "data": 2, "ops": 2, "precision": 2, "host_memory": 2, "optim": 2, "params": 2,
     "model": 3,
     "parallel": 4,
     "checkpoint": 5,

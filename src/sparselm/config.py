@@ -135,6 +135,7 @@ class TrainConfig:
     eval_batches: int = 8
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     threads: int = 0  # torch intra-op threads, 0 = leave torch's default
+    keep_freed_memory: bool = True  # CPU: malloc keeps freed blocks for the next step (sparselm.host_memory)
 
 
 @dataclass

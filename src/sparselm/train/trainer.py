@@ -24,6 +24,7 @@ from sparselm.checkpoint.files import checkpoint_info, latest_checkpoint, load_t
 from sparselm.config import Config, to_toml, validate
 from sparselm.data.loader import BatchSampler, TokenShards, eval_batches
 from sparselm.errors import ConfigError, TrainingStopped
+from sparselm.host_memory import keep_freed_memory
 from sparselm.model.transformer import Transformer
 from sparselm.optim import implementation_of
 from sparselm.parallel.runtime import Runtime, create_runtime
@@ -205,6 +206,8 @@ class _Run:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)  # before the precision check, which times matmuls
         self.runtime = runtime
+        wanted = cfg.train.keep_freed_memory and runtime.device.type == "cpu"
+        not_kept = keep_freed_memory() if wanted else None  # process-wide, before the model's memory is allocated
         self.cfg = cfg = _with_resolved_precision(cfg, runtime)
         self.run_dir = run_dir
         self.train_shards = TokenShards(cfg.data.path, "train")
@@ -244,6 +247,8 @@ class _Run:
         elif resume:
             self.say(f"--resume: no checkpoint in {run_dir}, starting from step 0")
         self.say(f"layout: {runtime.describe()}, AdamW {implementation_of(self.optimizer)}")
+        if not_kept:
+            self.say(f"train.keep_freed_memory: not applied, {not_kept}")
         if runtime.distributed and cfg.parallel.cpu_offload and runtime.device.type == "cpu":
             self.say("parallel.cpu_offload: the model already lives in CPU memory here, so it changes nothing")
         if runtime.is_main:
