@@ -11,9 +11,14 @@ range. MFU = tokens/s x training FLOPs per token / the bf16 or fp32 matmul rate 
 count; the best of a measurement before and after the rounds); FLOPs count 6 per matmul weight and attention
 causally (half the square: ``6 * 2 * layers * context * d_model`` per token). One extra step per model runs under
 ``torch.profiler``: the shares of its CPU time in matmuls, attention kernels, copies/casts and everything else.
-Peak memory = the largest resident-set growth over one timed step (Linux).
+Memory = what one model's training holds beyond its built model, in a fresh process (Linux): the peak RSS during its
+second step (the first allocates AdamW's state, and compiles) over the RSS before its first.
 
-    python benchmarks/train.py [--json] [--quick] [--compile] [--write-docs]
+Every row runs under the host-memory policy ``sparselm train`` sets (``train.keep_freed_memory``, on by default:
+glibc keeps freed memory for the next step, sparselm.host_memory); ``--allocator default`` times glibc's own
+policy instead. Both models of a pair share the process, so they share the policy.
+
+    python benchmarks/train.py [--json] [--quick] [--compile] [--allocator keep|default] [--write-docs]
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +40,7 @@ from memory import peak_rss_mb, reset_peak_rss, rss_mb
 from moe_layer import cpu_name, wait_for_idle
 from nanogpt_baseline import training_step
 from sparselm.config import Config, apply_overrides, load_config
+from sparselm.host_memory import keep_freed_memory
 from sparselm.parallel.runtime import Runtime
 from sparselm.params.counting import count_params, flops_per_token
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence, measure_matmul_flops
@@ -55,7 +63,6 @@ class Runner:
     total_params: int
     active_params: int
     times: list[float] = field(default_factory=list)  # ms
-    peak_mb: float = 0.0
 
 
 def sparselm_runner(name: str, cfg: Config) -> Runner:
@@ -138,12 +145,31 @@ def time_rounds(runners: list[Runner], rounds: int, warmup: int, wait: bool) -> 
     for _ in range(rounds):
         for r in runners:
             wait_for_idle(wait)
-            before = rss_mb()
-            reset_peak_rss()
             start = time.perf_counter()
             r.step()
             r.times.append((time.perf_counter() - start) * 1e3)
-            r.peak_mb = max(r.peak_mb, peak_rss_mb() - before)
+
+
+def _step_memory(args: argparse.Namespace) -> float:
+    """MB: the peak RSS during the second step of the model named in ``--memory-of`` over the RSS before its first
+    step, the other models of its precision built and idle (so that none of their memory is freed for its use)."""
+    runners, _ = build(args, args.precisions)
+    runner = next(r for r in runners if r.name == args.memory_of)
+    before = rss_mb()
+    runner.step()
+    reset_peak_rss()
+    runner.step()
+    return peak_rss_mb() - before
+
+
+def _step_memory_in_child(name: str, precision: str) -> float:
+    """``_step_memory`` in a fresh process: this one's memory already holds every other model's steps."""
+    argv = [a for a in sys.argv[1:] if a not in ("--json", "--write-docs")]
+    argv += ["--memory-of", name, "--precisions", precision]
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])["step_memory_mb"]
 
 
 def op_kind(name: str) -> str:
@@ -196,9 +222,20 @@ def main() -> None:
     ap.add_argument(
         "--precisions", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively, else fp32)"
     )
+    ap.add_argument(
+        "--allocator",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: freed memory kept for the next step, as sparselm train sets it; default: glibc's own policy",
+    )
+    ap.add_argument("--memory-of", default="", help=argparse.SUPPRESS)  # a runner's name, in a child process
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     args = ap.parse_args()
+    not_kept = keep_freed_memory() if args.allocator == "keep" else "--allocator default"
     torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(json.dumps({"step_memory_mb": _step_memory(args)}))
+        return
     rounds, warmup = (2, 1) if args.quick else (args.rounds, 2)
     precisions, skipped = _precisions(args.precisions)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -222,7 +259,7 @@ def main() -> None:
                 "tokens_per_sec": tps,
                 "mfu": tps * r.train_flops / peak,
                 "peak_gflops": peak / 1e9,
-                "peak_rss_growth_mb": r.peak_mb,
+                "step_memory_mb": _step_memory_in_child(r.name, precision),
                 "rounds": len(r.times),
             }
             if not args.no_profile:
@@ -237,7 +274,7 @@ def main() -> None:
             if args.json:
                 print(json.dumps(ratio), flush=True)
         del runners, by_name
-    table = format_table(rows, ratios, args.threads)
+    table = format_table(rows, ratios, args.threads, not_kept)
     if skipped:
         table += f"\n\n{skipped}"
     if not args.json:
@@ -274,13 +311,19 @@ def _precisions(requested: str) -> tuple[list[str], str]:
     )
 
 
-def format_table(rows: list[dict], ratios: list[dict], threads: int) -> str:
+def format_table(rows: list[dict], ratios: list[dict], threads: int, not_kept: str | None) -> str:
+    allocator = (
+        "freed memory kept for the next step, as `sparselm train` runs (`train.keep_freed_memory`)"
+        if not_kept is None
+        else f"the C library's default ({not_kept})"
+    )
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {cpu_name()} ({cpu_flags()}), "
         f"{threads} threads, torch {torch.__version__}; 1-minute load average {os.getloadavg()[0]:.1f} at the end "
         "(2 cores: above ~2 other jobs shared them). Median step of interleaved rounds; MFU against the matmul rate "
         "measured here (`peak`), attention FLOPs counted causally; profile = shares of one step's CPU time in "
-        "matmul / attention / copies and casts / other; memory = resident-set growth over a step.",
+        "matmul / attention / copies and casts / other; memory = a fresh process's peak RSS during the model's second "
+        f"step over its RSS before the first (AdamW's state included). Host memory, every row: {allocator}.",
         "",
         "| config | precision | params | step ms | tokens/s | MFU | peak GFLOP/s | profile mm/attn/copy/other "
         "| memory MB |",
@@ -292,7 +335,7 @@ def format_table(rows: list[dict], ratios: list[dict], threads: int) -> str:
         lines.append(
             f"| {r['config']} | {r['precision']} | {r['total_params'] / 1e6:.1f}M | {r['step_ms']:,.0f} "
             f"| {r['tokens_per_sec']:,.0f} | {r['mfu'] * 100:.1f}% | {r['peak_gflops']:.0f} | {shares} "
-            f"| {r['peak_rss_growth_mb']:,.0f} |"
+            f"| {r['step_memory_mb']:,.0f} |"
         )
     if ratios:
         lines += ["", "| tokens/s ratio (per-round median, range) | precision | ratio |", "|---|---|---:|"]

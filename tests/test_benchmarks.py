@@ -44,6 +44,7 @@ def test_training_benchmark_times_each_precision_this_cpu_runs_natively() -> Non
     for row in rows:
         assert row["tokens_per_sec"] > 0 and 0 < row["mfu"] < 1 and row["rounds"] == 2
         assert sum(row["profile"].values()) == pytest.approx(1.0) and row["profile"]["matmul"] > 0
+        assert row["step_memory_mb"] >= 0  # measured in a fresh process per model
     moe = next(r for r in rows if r["config"] == "default-moe")
     assert moe["active_params"] < moe["total_params"]  # top-2 of 8 experts: most expert weights idle per token
     nano = next(r for r in rows if r["config"].startswith("nanoGPT"))
