@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from memory import add_allocator_argument, apply_allocator
 from sparselm.config import MoEConfig
 from sparselm.model.layers import FeedForward
 from sparselm.model.moe import MoE
@@ -336,7 +337,8 @@ def format_table(rows: list[dict], probes: list[dict], args: argparse.Namespace,
         f"expert d_ff {args.d_ff}; dense = SwiGLU FFN with d_ff = top_k x {args.d_ff} (equal matmul FLOPs). Median "
         f"of {args.repeats} interleaved runs, ms; ratios are medians of the per-round ratios (MoE and dense timed "
         f"back to back), with their range. 1-minute load average {load[0]:.2f} before, {load[1]:.2f} after "
-        "(2 cores: anything above ~0.2 beyond this run is someone else's work).",
+        "(2 cores: anything above ~0.2 beyond this run is someone else's work). Host memory: "
+        f"{rows[-1].get('host_memory', 'not recorded')}.",
         "",
         "| tokens | E | k | dtype | MoE ms | dense ms | MoE / dense | range | MoE / roofline | dense / roofline "
         "| HF eager ms | HF grouped_mm ms | HF batched_mm ms | best HF / MoE |",
@@ -494,7 +496,9 @@ def main() -> None:
     ap.add_argument("--slow-s", type=float, default=15.0, help="time a model once if its warm-up took longer")
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     ap.add_argument("--from-json", type=Path, help="render the table from an earlier --json output instead of timing")
+    add_allocator_argument(ap)
     args = ap.parse_args()
+    args.allocator_phrase = apply_allocator(args.allocator)
     if args.quick:
         args.experts, args.repeats = "64", 2
     args.hf_impls = [i for i in args.hf_impls.split(",") if i]
@@ -526,7 +530,7 @@ def main() -> None:
         for num_experts in (int(e) for e in args.experts.split(",")):
             for top_k in (int(k) for k in args.top_k.split(",")):
                 for dtype in dtypes:
-                    row = bench_row(args, num_experts, top_k, dtype, tokens)
+                    row = bench_row(args, num_experts, top_k, dtype, tokens) | {"host_memory": args.allocator_phrase}
                     rows.append(row)
                     if args.json:
                         print(json.dumps(row), flush=True)

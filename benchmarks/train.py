@@ -36,11 +36,10 @@ from pathlib import Path
 
 import torch
 
-from memory import peak_rss_mb, reset_peak_rss, rss_mb
+from memory import add_allocator_argument, apply_allocator, peak_rss_mb, reset_peak_rss, rss_mb
 from moe_layer import cpu_name, wait_for_idle
 from nanogpt_baseline import training_step
 from sparselm.config import Config, apply_overrides, load_config
-from sparselm.host_memory import keep_freed_memory
 from sparselm.parallel.runtime import Runtime
 from sparselm.params.counting import count_params, flops_per_token
 from sparselm.precision import bf16_is_fast, cpu_speeds_sentence, measure_matmul_flops
@@ -222,16 +221,11 @@ def main() -> None:
     ap.add_argument(
         "--precisions", default="", help="fp32,bf16 (default: both where this CPU computes bf16 natively, else fp32)"
     )
-    ap.add_argument(
-        "--allocator",
-        choices=("keep", "default"),
-        default="keep",
-        help="keep: freed memory kept for the next step, as sparselm train sets it; default: glibc's own policy",
-    )
+    add_allocator_argument(ap)
     ap.add_argument("--memory-of", default="", help=argparse.SUPPRESS)  # a runner's name, in a child process
     ap.add_argument("--write-docs", action="store_true", help=f"write the table into {DOCS.relative_to(REPO)}")
     args = ap.parse_args()
-    not_kept = keep_freed_memory() if args.allocator == "keep" else "--allocator default"
+    allocator = apply_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     if args.memory_of:
         print(json.dumps({"step_memory_mb": _step_memory(args)}))
@@ -274,7 +268,7 @@ def main() -> None:
             if args.json:
                 print(json.dumps(ratio), flush=True)
         del runners, by_name
-    table = format_table(rows, ratios, args.threads, not_kept)
+    table = format_table(rows, ratios, args.threads, allocator)
     if skipped:
         table += f"\n\n{skipped}"
     if not args.json:
@@ -311,12 +305,7 @@ def _precisions(requested: str) -> tuple[list[str], str]:
     )
 
 
-def format_table(rows: list[dict], ratios: list[dict], threads: int, not_kept: str | None) -> str:
-    allocator = (
-        "freed memory kept for the next step, as `sparselm train` runs (`train.keep_freed_memory`)"
-        if not_kept is None
-        else f"the C library's default ({not_kept})"
-    )
+def format_table(rows: list[dict], ratios: list[dict], threads: int, allocator: str) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {cpu_name()} ({cpu_flags()}), "
         f"{threads} threads, torch {torch.__version__}; 1-minute load average {os.getloadavg()[0]:.1f} at the end "
