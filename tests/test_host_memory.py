@@ -1,5 +1,5 @@
-"""The training process's host-memory policy: with it, a large freed tensor's memory stays with the process and the
-next one of its size reuses it; without it, glibc hands the block back to the kernel when it is freed."""
+"""The training process's host-memory policy: with it, a large freed tensor's memory stays with the process and later
+tensors of its size reuse it; without it, glibc hands the block back to the kernel when it is freed."""
 
 from __future__ import annotations
 
